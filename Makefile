@@ -1,0 +1,72 @@
+# SteerLM: train, convert and serve attribute-steerable language models.
+# `make demo` runs the whole method on CPU; `make test` runs the test suite. Both set themselves up.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# serve / query
+MODEL ?= runs/tiny
+RM ?=
+BACKEND ?= cpu
+ENGINE_DIR ?=
+TP ?= 1
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+# engine
+DTYPE ?= float16
+GPU ?= h100
+OUT ?=
+
+.PHONY: setup test serve demo eval engine tiny lock clean help
+
+help:
+	@echo "make setup                 create .venv with everything a CPU machine needs (pinned)"
+	@echo "make demo                  the whole SteerLM method on CPU in ~10 minutes"
+	@echo "make test                  run the test suite"
+	@echo "make tiny                  write a tiny random SteerLM checkpoint to runs/tiny"
+	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|trtllm ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT=]"
+	@echo "make engine MODEL=DIR TP=N DTYPE=float16|bfloat16|fp8 GPU=a100|h100 [OUT=DIR]"
+	@echo "make eval MODEL=DIR RM=DIR"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Re-resolve requirements.in into requirements.lock (needs network access to the package index).
+lock:
+	rm -rf /tmp/steerlm-lock && $(PYTHON) -m venv /tmp/steerlm-lock
+	/tmp/steerlm-lock/bin/pip install -q -r requirements.in
+	/tmp/steerlm-lock/bin/pip freeze | grep -v '^-e' > requirements.lock
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+tiny: $(STAMP)
+	$(PY) -m steer_train init-tiny --out runs/tiny
+
+serve: $(STAMP)
+	$(PY) -m steerlm.serve --model $(MODEL) $(if $(RM),--reward-model $(RM)) --backend $(BACKEND) \
+		$(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) --tp $(TP) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+engine: $(STAMP)
+	$(PY) build/build_engine.py --model_dir $(MODEL) --tp_size $(TP) --dtype $(DTYPE) --gpu $(GPU) \
+		$(if $(OUT),--output_dir $(OUT))
+
+eval: $(STAMP)
+	$(PY) -m steer_train eval --model $(MODEL) --reward-model $(RM)
+
+demo: $(STAMP)
+	$(PY) -m steer_train demo
+
+clean:
+	rm -rf runs

@@ -1,0 +1,1 @@
+"""steer_train: the four SteerLM steps (reward model, annotation, attribute-conditioned SFT, bootstrap)."""
