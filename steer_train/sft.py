@@ -1,0 +1,338 @@
+"""Attribute-conditioned SFT (SteerLM step 3), a plain loop readable top to bottom.
+
+Each conversation becomes the SFT sequence of `template.segments(train=True)`; the loss covers only the
+answer text, its newline and the following `<extra_id_1>` (REFERENCE section 1). Samples are packed into
+fixed-length blocks; a block-diagonal causal mask and per-sample position ids keep packed samples from
+seeing each other. One optimizer step consumes `global_batch = micro_batch * grad_accum * world` blocks in
+an order fixed by the seed, so 1 process and N torchrun processes take the same steps, and a resumed run
+continues exactly where its last checkpoint stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from steer_train.common import (
+    Dist, Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, init_dist,
+    load_latest, plot_losses, rng_state, save_checkpoint, save_generator, seed_all, set_rng_state,
+)
+from steer_train.data import Conversation, load_jsonl
+from steerlm.template import PromptTemplate, Segment, Turn
+from steerlm.tokenize import encode_segments
+
+IGNORE = -100
+
+
+@dataclass
+class SFTConfig:
+    model: str
+    data: str
+    out: str
+    val_data: str | None = None
+    schema: str | None = None  # preset, only for a base without steerlm.json
+    seq_len: int = 1024
+    micro_batch: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    epochs: float = 1.0
+    max_steps: int | None = None
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 0
+    keep: int = 2
+    eval_every: int = 0
+    bf16: bool | None = None  # None: on GPU only
+    grad_ckpt: bool | None = None  # None: on GPU only
+    device: str | None = None
+    progress: bool = True
+
+
+# ---------------------------------------------------------------- data
+
+
+def loss_labels(tok, template: PromptTemplate, conv: Conversation) -> tuple[list[int], list[int]]:
+    """Token ids of the SFT sequence and its labels (IGNORE where no loss).
+
+    An answer is the user segment that starts where the prompt for its turn ends; the template segment after
+    it starts with `answer_end` + `turn_end` (the next turn's `<extra_id_1>`, or the final one), and the
+    tokens of that stop string carry loss too, which is how the model learns to end its answer."""
+    turns = list(conv.turns)
+    segments = template.segments(turns, conv.system, train=True)
+    ids, spans = encode_segments(tok, segments)
+    labels = [IGNORE] * len(ids)
+    seg_at, at = {}, 0
+    for i, seg in enumerate(segments):
+        seg_at[at] = i
+        at += len(seg.text)
+    stop = template.answer_end + template.turn_end
+    stop_ids = encode_segments(tok, [Segment(stop, False)])[0]
+    for t, turn in enumerate(turns):
+        if not turn.answer:
+            raise ValueError(f"turn {t} has an empty answer")
+        prompt = template.render(turns[:t] + [Turn(turn.question, None, turn.labels)], conv.system)
+        i = seg_at.get(len(prompt))
+        if i is None or not segments[i].user or segments[i].text != turn.answer or i + 1 == len(segments):
+            raise ValueError(f"turn {t}: the template does not render the answer as its own segment")
+        a, b = spans[i]
+        labels[a:b] = ids[a:b]
+        a, _ = spans[i + 1]
+        if not segments[i + 1].text.startswith(stop) or ids[a : a + len(stop_ids)] != stop_ids:
+            raise ValueError(f"the tokenizer merges {stop!r} with the text after it; cannot mask the turn end")
+        labels[a : a + len(stop_ids)] = stop_ids
+    return ids, labels
+
+
+def pack(samples: Sequence[tuple[list[int], list[int]]], seq_len: int) -> tuple[list[list[tuple]], int]:
+    """Greedy packing in order into blocks of at most seq_len tokens; returns blocks (lists of samples) and
+    how many samples were truncated to fit."""
+    blocks, current, used, truncated = [], [], 0, 0
+    for ids, labels in samples:
+        if len(ids) > seq_len:
+            ids, labels, truncated = ids[:seq_len], labels[:seq_len], truncated + 1
+        if used + len(ids) > seq_len and current:
+            blocks.append(current)
+            current, used = [], 0
+        current.append((ids, labels))
+        used += len(ids)
+    if current:
+        blocks.append(current)
+    return blocks, truncated
+
+
+def collate(blocks: Sequence[list[tuple]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, labels, position_ids (restarting per sample) and doc ids (-1 for padding) per block."""
+    n = len(blocks)
+    ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
+    pos = torch.zeros((n, seq_len), dtype=torch.long)
+    doc = torch.full((n, seq_len), -1, dtype=torch.long)
+    for b, block in enumerate(blocks):
+        at = 0
+        for d, (s_ids, s_labels) in enumerate(block):
+            k = len(s_ids)
+            ids[b, at : at + k] = torch.tensor(s_ids)
+            labels[b, at : at + k] = torch.tensor(s_labels)
+            pos[b, at : at + k] = torch.arange(k)
+            doc[b, at : at + k] = d
+            at += k
+        pos[b, at:] = torch.arange(seq_len - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "doc": doc}
+
+
+def packed_mask(doc: torch.Tensor, dtype: torch.dtype, bool_mask: bool) -> torch.Tensor:
+    """4D attention mask [B, 1, T, T]: causal and within one sample (padding attends to itself only)."""
+    t = doc.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc.device).tril()
+    same = doc[:, :, None] == doc[:, None, :]
+    allowed = (causal & same) | torch.eye(t, dtype=torch.bool, device=doc.device)
+    allowed = allowed[:, None]
+    if bool_mask:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=doc.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def forward_logits(net, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
+    """Logits of packed blocks through `net` (the model or its DDP wrapper). flash-attention kernels take
+    per-sample position ids (varlen); sdpa gets a boolean block-diagonal mask, eager an additive one."""
+    impl = getattr(model.config, "_attn_implementation", "eager") or "eager"
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if "flash" not in impl:
+        kwargs["attention_mask"] = packed_mask(batch["doc"], model.dtype, bool_mask=impl == "sdpa")
+    return net(**kwargs).logits
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross entropy over labelled positions."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def n_loss_tokens(blocks: Sequence[list[tuple]]) -> int:
+    # Position 0 of a block is never a target (next-token shift), so its label does not count.
+    total = 0
+    for block in blocks:
+        flat = [lab for _, labels in block for lab in labels]
+        total += sum(1 for lab in flat[1:] if lab != IGNORE)
+    return total
+
+
+# ---------------------------------------------------------------- training
+
+
+def load_base(cfg: SFTConfig, d: Dist):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = base_spec(cfg.model, cfg.schema)
+    if spec.kind != "generator":
+        raise ValueError(f"{cfg.model} is a {spec.kind!r} checkpoint; SFT needs a causal LM")
+    hf_tok = AutoTokenizer.from_pretrained(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    added = ensure_control_tokens(model, hf_tok, spec.template)
+    if added and d.main:
+        print(f"added control tokens {added} as special tokens; embeddings resized to {len(hf_tok)}")
+    return model, hf_tok, spec
+
+
+def evaluate(model, blocks: list, cfg: SFTConfig, pad_id: int, d: Dist, bf16: bool) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(blocks), cfg.micro_batch):
+            chunk = blocks[i : i + cfg.micro_batch]
+            batch = {k: v.to(d.device) for k, v in collate(chunk, cfg.seq_len, pad_id).items()}
+            with autocast(d, bf16):
+                logits = forward_logits(model, batch, model)
+            total += token_loss_sum(logits, batch["labels"]).item()
+            count += n_loss_tokens(chunk)
+    model.train()
+    return total / max(count, 1)
+
+
+def train(cfg: SFTConfig) -> Path:
+    """Run SFT and write the final Hugging Face checkpoint to cfg.out; returns cfg.out."""
+    from torch.nn.parallel import DistributedDataParallel
+    from tqdm import tqdm
+
+    d = init_dist(cfg.device)
+    out = Path(cfg.out)
+    seed_all(cfg.seed)
+    model, hf_tok, spec = load_base(cfg, d)
+    tok = hf_tok.backend_tokenizer
+    pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
+
+    def blocks_of(path: str, seed: int) -> list:
+        samples, skipped = [], []
+        for conv in load_jsonl(path, spec.schema):
+            try:
+                samples.append(loss_labels(tok, spec.template, conv))
+            except ValueError as exc:
+                skipped.append(f"{conv.id}: {exc}")
+        if skipped and d.main:
+            print(f"{path}: skipped {len(skipped)} conversations, e.g. {skipped[0]}")
+        if not samples:
+            raise ValueError(f"{path}: no usable conversations")
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+        blocks, truncated = pack([samples[i] for i in order], cfg.seq_len)
+        if truncated and d.main:
+            print(f"{path}: {truncated} conversations longer than --seq-len {cfg.seq_len} were truncated")
+        return blocks
+
+    blocks = blocks_of(cfg.data, cfg.seed)
+    val_blocks = blocks_of(cfg.val_data, cfg.seed) if cfg.val_data else []
+    per_rank = cfg.micro_batch * cfg.grad_accum
+    global_batch = per_rank * d.world
+    steps_per_epoch = len(blocks) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(blocks)} packed blocks are fewer than one global batch of {global_batch} "
+            "(micro batch x grad accum x processes); use more data or a smaller batch"
+        )
+    total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+
+    bf16 = d.device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    if cfg.grad_ckpt if cfg.grad_ckpt is not None else d.device.type == "cuda":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(d.device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    warmup = min(cfg.warmup, total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total, warmup, cfg.min_lr_ratio))
+
+    start = 0
+    state = load_latest(out)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        if d.main:
+            print(f"resuming from {out}/checkpoints at step {start}")
+    ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else model
+    metrics = Metrics(out / "metrics.jsonl", d.main, start if state is not None else None)
+    if d.main and state is None:
+        metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, blocks=len(blocks), total_steps=total)
+
+    order, order_epoch = [], -1
+    bar = tqdm(total=total, initial=start, desc="sft", disable=not (cfg.progress and d.main), dynamic_ncols=True)
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:  # the block order of an epoch depends only on seed and epoch
+            order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+            order_epoch = epoch
+        step_blocks = [blocks[i] for i in order[k * global_batch : (k + 1) * global_batch]]
+        n_tokens = n_loss_tokens(step_blocks)
+        mine = step_blocks[d.rank * per_rank : (d.rank + 1) * per_rank]
+        loss_sum, tokens_seen = 0.0, 0
+        for a in range(cfg.grad_accum):
+            micro = mine[a * cfg.micro_batch : (a + 1) * cfg.micro_batch]
+            batch = {key: v.to(d.device) for key, v in collate(micro, cfg.seq_len, pad_id).items()}
+            last = a == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or d.world == 1 else ddp.no_sync()
+            with sync:
+                with autocast(d, bf16):
+                    logits = forward_logits(ddp, batch, model)
+                part = token_loss_sum(logits, batch["labels"])
+                # DDP averages gradients over processes; scaling by world makes it a sum over the global batch.
+                (part / max(n_tokens, 1) * d.world).backward()
+            loss_sum += part.item()
+            tokens_seen += int((batch["doc"] >= 0).sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+        loss = all_sum(loss_sum, d) / max(n_tokens, 1)
+        tokens = all_sum(tokens_seen, d)
+        dt = time.perf_counter() - t0
+        record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": sched.get_last_lr()[0],
+                  "tokens_per_s": tokens / dt, "loss_tokens": n_tokens}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        metrics.log(**record)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}", lr=f"{record['lr']:.2e}")
+        bar.update(1)
+
+        done = step + 1
+        if val_blocks and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
+            _eval_and_log(model, val_blocks, cfg, pad_id, d, bf16, metrics, done)
+        if cfg.save_every and (done % cfg.save_every == 0 or done == total):
+            if d.main:
+                state = {"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "rng": rng_state()}
+                save_checkpoint(out, done, state, cfg.keep)
+            barrier(d)
+    bar.close()
+
+    if val_blocks:
+        _eval_and_log(model, val_blocks, cfg, pad_id, d, bf16, metrics, total)
+    if d.main:
+        model.to("cpu")
+        if cfg.grad_ckpt if cfg.grad_ckpt is not None else d.device.type == "cuda":
+            model.gradient_checkpointing_disable()
+        save_generator(out, model, hf_tok, spec)
+        plot_losses(out / "metrics.jsonl", out / "loss.png", f"SFT {Path(cfg.data).name}")
+        print(f"wrote SteerLM checkpoint to {out} (metrics.jsonl, loss.png)")
+    barrier(d)
+    return out
+
+
+def _eval_and_log(model, blocks, cfg, pad_id, d, bf16, metrics, step) -> None:
+    if d.main:
+        val = evaluate(model, blocks, cfg, pad_id, d, bf16)
+        metrics.log(step=step, val_loss=val)
+        print(f"step {step}: validation loss {val:.4f}")
+    barrier(d)

@@ -1,0 +1,147 @@
+"""`python -m steerlm.serve`: render the SteerLM Triton repository and run tritonserver (`make serve`)."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import click
+
+from steerlm.serve.launch import default_tritonserver, engine_world_size, trtllm_command
+from steerlm.serve.repository import RenderError, render_repository
+from steerlm.serve.triton import Ports, ServerError, TritonServer, server_env, shell_line
+
+
+def _run_paths(repo_dir: str | None) -> tuple[Path, Path | None]:
+    """The model repository and the work directory for the backend links and log (None: a temporary one).
+
+    They are separate folders: tritonserver takes every folder in a repository for a model."""
+    if repo_dir:
+        repo = Path(repo_dir).resolve()
+        return repo, repo.with_name(repo.name + "-run")
+    return Path(tempfile.mkdtemp(prefix="steerlm-serve-")) / "models", None
+
+
+def _banner(server_http: str, server_grpc: str, metrics: str, repo: Path, log: Path | None, backend: str) -> str:
+    lines = [
+        f"SteerLM is being served by Triton ({backend} backend). Endpoints:",
+        f"  HTTP     http://{server_http}   (POST /v2/models/steerlm/generate, /generate_stream)",
+        f"  gRPC     {server_grpc}   (model 'steerlm'; streaming through ModelStreamInfer)",
+        f"  metrics  {metrics}",
+        f"  repository {repo}" + (f"   log {log}" if log else ""),
+        "Try:",
+        f'  python client/query.py "Where and when did techno music originate?" --attr verbosity=4 --stream '
+        f"--url {server_grpc}",
+    ]
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
+              help="SteerLM checkpoint (HF weights + tokenizer.json + steerlm.json).")
+@click.option("--reward-model", "reward_model_dir", type=click.Path(exists=True, file_okay=False),
+              help="Also serve this attribute (reward) model as `reward_model`.")
+@click.option("--backend", type=click.Choice(["cpu", "trtllm"]), default="cpu", show_default=True,
+              help="cpu: PyTorch python model; trtllm: NVIDIA's C++ tensorrtllm backend (GPU container).")
+@click.option("--engine-dir", type=click.Path(file_okay=False), help="TensorRT-LLM engine directory (trtllm).")
+@click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks (trtllm; > 1 runs under mpirun).")
+@click.option("--http-port", default=8000, show_default=True, help="HTTP port (0: any free port).")
+@click.option("--grpc-port", default=8001, show_default=True, help="gRPC port (0: any free port).")
+@click.option("--metrics-port", default=8002, show_default=True, help="Metrics port (0: any free port).")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to bind. Keep loopback unless you mean to expose the server.")
+@click.option("--repo-dir", type=click.Path(file_okay=False),
+              help="Render the model repository here (kept; default: a temporary directory).")
+@click.option("--max-batch-size", default=8, show_default=True, help="Requests generated together at most.")
+@click.option("--kv-cache-reuse/--no-kv-cache-reuse", default=True, show_default=True,
+              help="trtllm: reuse the KV cache of shared prefixes (engine built with paged context FMHA).")
+@click.option("--tritonserver", "tritonserver_bin", default=None,
+              help="trtllm: tritonserver executable [default: /opt/tritonserver/bin/tritonserver or PATH].")
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for the server to be ready.")
+@click.option("--dry-run", is_flag=True, help="Render the repository and print the server command; start nothing.")
+def main(model_dir, reward_model_dir, backend, engine_dir, tp, http_port, grpc_port, metrics_port, address,
+         repo_dir, max_batch_size, kv_cache_reuse, tritonserver_bin, timeout, dry_run) -> None:
+    """Serve a SteerLM model through the Triton ensemble `steerlm` (and `reward_model` with --reward-model).
+
+    The CPU backend runs the bundled tritonserver here, waits until it is ready, prints the endpoints and
+    runs until Ctrl-C. The trtllm backend renders the same repository for NVIDIA's Triton TensorRT-LLM
+    container and runs tritonserver there (under mpirun for --tp > 1)."""
+    if model_dir is None and reward_model_dir is None:
+        raise click.UsageError("give --model (and/or --reward-model)")
+    if backend == "cpu" and (engine_dir or tp != 1):
+        raise click.UsageError("--engine-dir and --tp belong to --backend trtllm")
+    if backend == "trtllm":
+        if not engine_dir:
+            raise click.UsageError("--backend trtllm needs --engine-dir (build one with `make engine`)")
+        size = engine_world_size(engine_dir) if Path(engine_dir).is_dir() else None
+        if size is not None and size != tp:
+            raise click.UsageError(f"the engine in {engine_dir} was built for {size} ranks but --tp is {tp}")
+    repo, workdir = _run_paths(repo_dir)
+    try:
+        render_repository(repo, model_dir, reward_model_dir, backend=backend, engine_dir=engine_dir,
+                          max_batch_size=max_batch_size, kv_cache_reuse=kv_cache_reuse)
+    except (RenderError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"rendered the {backend} model repository into {repo}")
+
+    if backend == "trtllm":
+        cmd = trtllm_command(repo, tp, http_port, grpc_port, metrics_port, address, tritonserver_bin)
+        click.echo("server command:\n  " + " ".join(shlex.quote(c) for c in cmd))
+        if not dry_run:
+            _run_foreground(cmd)
+        return
+
+    ports = Ports.pick(http_port, grpc_port, metrics_port)
+    server = TritonServer(repo_dir=repo, workdir=workdir or repo.parent, http_port=ports.http,
+                          grpc_port=ports.grpc, metrics_port=ports.metrics, timeout=timeout)
+    if dry_run:
+        click.echo("server command (run it from any shell):\n  " + shell_line(server.command()))
+        return
+    _serve(server, backend, remove_workdir=workdir is None)
+
+
+def _serve(server: TritonServer, backend: str, remove_workdir: bool) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server.start()
+    except ServerError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        click.echo(_banner(server.http_url, server.grpc_url, server.metrics_url, server.repo_dir, server.log_path,
+                           backend))
+        click.echo("Ctrl-C stops the server.")
+        while not stop.wait(0.5):
+            if server.process is None or server.process.poll() is not None:
+                raise click.ClickException(f"tritonserver exited:\n{server.log_tail()}")
+    finally:
+        click.echo("stopping tritonserver ...", err=True)
+        server.stop()
+        if remove_workdir:
+            shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+def _run_foreground(cmd: list[str]) -> None:
+    import subprocess
+
+    try:
+        proc = subprocess.Popen(cmd, env=server_env())
+    except FileNotFoundError:
+        raise click.ClickException(
+            f"{cmd[0]} not found: run this inside NVIDIA's Triton TensorRT-LLM container "
+            f"(or pass --tritonserver; mpirun is needed for --tp > 1)") from None
+    try:
+        sys.exit(proc.wait())
+    except KeyboardInterrupt:
+        proc.terminate()
+        sys.exit(proc.wait())
+
+
+if __name__ == "__main__":
+    main()
