@@ -70,3 +70,34 @@ demo: $(STAMP)
 
 clean:
 	rm -rf runs
+
+# training (steer_train; docs/training.md). NPROC=N runs rm/sft under torchrun with N processes.
+DATA_IN ?=
+DATA_DIR ?= runs/data
+BASE ?= runs/tiny
+RM_DIR ?= runs/rm
+SFT_DIR ?= runs/sft
+NPROC ?=
+TRAIN_ARGS ?=
+TRAIN_PY = $(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
+
+.PHONY: prepare train-rm annotate train-sft bootstrap
+
+prepare: $(STAMP)
+	$(PY) -m steer_train prepare $(foreach f,$(DATA_IN),--input $(f)) --out $(DATA_DIR)
+
+train-rm: $(STAMP)
+	$(TRAIN_PY) -m steer_train rm --model $(BASE) --data $(DATA_DIR)/train.jsonl --val-data $(DATA_DIR)/val.jsonl \
+		--out $(RM_DIR) $(TRAIN_ARGS)
+
+annotate: $(STAMP)
+	$(PY) -m steer_train annotate --input $(DATA_DIR)/train.jsonl --reward-model $(RM_DIR) \
+		--out $(DATA_DIR)/train.annotated.jsonl
+
+train-sft: $(STAMP)
+	$(TRAIN_PY) -m steer_train sft --model $(BASE) --data $(DATA_DIR)/train.annotated.jsonl \
+		--val-data $(DATA_DIR)/val.jsonl --out $(SFT_DIR) $(TRAIN_ARGS)
+
+bootstrap: $(STAMP)
+	$(PY) -m steer_train bootstrap --model $(SFT_DIR) --reward-model $(RM_DIR) --prompts $(DATA_DIR)/val.jsonl \
+		--out $(SFT_DIR)-bootstrap $(TRAIN_ARGS)

@@ -4,7 +4,8 @@ Generates a random Llama of a few hundred MB, then converts it in separate child
 - "stream":   build/convert_checkpoint.convert (one tensor group in memory at a time);
 - "baseline": what the upstream converter does, load every tensor, build every rank's dict, save_file;
 - "imports":  only the imports, so the figures can be read net of the interpreter and torch.
-Peak RSS comes from getrusage of each child. Results go to stdout and into BENCHMARKS.md.
+Peak RSS is each child's own high-water mark (VmHWM in /proc/self/status, which starts afresh at exec;
+getrusage would count the parent's pages inherited at fork). Results go to stdout and into BENCHMARKS.md.
 
     .venv/bin/python bench/convert_memory.py [--tp_size 2] [--layers 8] [--hidden 1024]
 """
@@ -12,7 +13,6 @@ Peak RSS comes from getrusage of each child. Results go to stdout and into BENCH
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -71,14 +71,14 @@ def child(mode: str, model: str, out: str, tp: int) -> None:
         Path(out).mkdir()
         for r, tensors in enumerate(ranks):
             save_file(tensors, str(Path(out) / f"rank{r}.safetensors"))
+    status = Path("/proc/self/status").read_text()
+    print(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
 
 
 def peak_rss_mib(mode: str, model: Path, out: Path, tp: int) -> float:
     proc = subprocess.run([sys.executable, __file__, "--child", mode, "--model", str(model), "--out", str(out),
-                           "--tp_size", str(tp)], check=True)
-    del proc
-    # ru_maxrss of RUSAGE_CHILDREN is the largest child so far, so modes run from smallest to largest.
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+                           "--tp_size", str(tp)], check=True, capture_output=True, text=True)
+    return int(proc.stdout.split()[-1]) / 1024  # kB -> MiB
 
 
 @click.command()

@@ -25,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -97,7 +98,9 @@ def _load_dist(path: Path) -> dict:
     meta = dcp.FileSystemReader(str(path)).read_metadata()
     sd = {k: torch.empty(m.size, dtype=m.properties.dtype)
           for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
-    dcp.load(sd, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # single-process load is intended
+        dcp.load(sd, checkpoint_id=str(path), no_dist=True)
     out = {}
     for key, value in sd.items():
         name = canonical_name(key)

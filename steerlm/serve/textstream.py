@@ -50,10 +50,13 @@ class StopStringFilter:
     """Pass text through until the first stop string, never releasing any part of one.
 
     A tail of the text that is a proper prefix of some stop string is held back until the next piece shows
-    whether the stop string follows; `flush()` releases it at the end of the stream."""
+    whether the stop string follows; so is a tail that is a prefix of one of `hold` (or all of it).
+    `flush()` releases the held text at the end of the stream."""
 
-    def __init__(self, stop_strings: Iterable[str]) -> None:
+    def __init__(self, stop_strings: Iterable[str], hold: Iterable[str] = ()) -> None:
         self.stops = sorted({s for s in stop_strings if s}, key=len, reverse=True)
+        # (string, longest prefix to hold)
+        self._holds = [(s, len(s) - 1) for s in self.stops] + [(h, len(h)) for h in hold if h]
         self.pending = ""
         self.stopped = False
 
@@ -71,10 +74,10 @@ class StopStringFilter:
         return out
 
     def _held_tail(self) -> int:
-        """Length of the longest tail of `pending` that is a proper prefix of a stop string."""
+        """Length of the longest tail of `pending` that may still turn into a stop string (or is held)."""
         best = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.pending)), best, -1):
+        for s, longest in self._holds:
+            for n in range(min(longest, len(self.pending)), best, -1):
                 if self.pending.endswith(s[:n]):
                     best = n
                     break
@@ -89,24 +92,24 @@ class StopStringFilter:
 
 
 class TextStream:
-    """The answer text of one request, fed with the token ids of each generation response.
+    """The answer text of one request, fed with the token ids of each generation response in turn.
 
-    The stream ends at the end id, at a stop string (neither is shown), after `max_tokens` tokens, or when
-    fed an empty response (the C++ backend ends a stream that hit the end id with one). An answer that ends
-    at the end id loses its `trailer` (the template's answer separator) as it does before a stop string."""
+    The answer ends at the end id or at a stop string (neither is shown) or after `max_tokens` tokens.
+    An answer that ends at the end id (rather than being cut at `max_tokens`) also loses its `trailer`, the
+    template's separator after an answer, as `answer_stop_strings` makes it do before a stop string."""
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: Iterable[str], end_id: int | None = None,
                  max_tokens: int | None = None, trailer: str = "") -> None:
         self.detok = IncrementalDetokenizer(tokenizer)
-        self.filter = StopStringFilter(answer_stop_strings(stop_strings, trailer))
+        # The trailer is held back so that it can still be dropped if the end id follows.
+        self.filter = StopStringFilter(stop_strings, hold=[trailer])
         self.end_id = end_id
         self.max_tokens = max_tokens
         self.trailer = trailer
         self.count = 0
         self.done = False
 
-    def feed(self, ids: Iterable[int], last: bool = False) -> str:
-        ids = list(ids)
+    def feed(self, ids: Iterable[int]) -> str:
         out = []
         for tid in ids:
             if self.done:
@@ -120,10 +123,14 @@ class TextStream:
                 self.done = True
             elif self.max_tokens is not None and self.count >= self.max_tokens:
                 out.append(self._finish(ended=False))
-        if not self.done and (last or not ids):
-            # Before max_tokens, so the generator stopped at its end id (which it does not return).
-            out.append(self._finish(ended=True))
         return "".join(out)
+
+    def finish(self) -> str:
+        """The generator sent its last response: release what is held back."""
+        if self.done:
+            return ""
+        # Before max_tokens, so the generator stopped at its end id (which it does not return) or a stop word.
+        return self._finish(ended=True)
 
     def _finish(self, ended: bool) -> str:
         self.done = True
@@ -131,6 +138,6 @@ class TextStream:
 
 
 def answer_stop_strings(stop_strings: Iterable[str], answer_end: str) -> list[str]:
-    """Stop strings plus each preceded by the template's answer separator, which belongs to no answer."""
+    """The model's stop strings plus each preceded by the template's answer separator (it belongs to no answer)."""
     stops = [s for s in stop_strings if s]
     return stops + ([answer_end + s for s in stops] if answer_end else [])

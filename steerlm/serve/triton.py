@@ -112,6 +112,16 @@ def shell_line(cmd: list[str]) -> str:
     return prefix + " ".join(shlex.quote(c) for c in cmd)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to send SIGTERM when the parent goes away (no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class TritonServer:
     """A real tritonserver on loopback, serving a rendered model repository.
 
@@ -174,9 +184,11 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         try:
-            # A new session, so that Ctrl-C in a terminal reaches us and we stop the server ourselves.
+            # A new session, so that Ctrl-C in a terminal reaches us and we stop the server ourselves;
+            # and the server dies with the thread that started it, should that be killed before stop().
             self.process = subprocess.Popen(self.command(), env=server_env(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
         finally:
             log.close()
         try:
@@ -227,7 +239,11 @@ class TritonServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "TritonServer":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -40,6 +40,7 @@ def test_legacy_nemo_names_with_separate_swiglu_halves_round_trip(gqa_model, tmp
     assert_same_weights(gqa_model, out)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_distributed_checkpoint_layout_round_trips(gqa_model, tmp_path):
     out = nemo_to_hf(write_nemo(gqa_model, tmp_path / "m.nemo", dist=True), tmp_path / "hf")
     assert_same_weights(gqa_model, out)

@@ -1,67 +1,90 @@
-"""Triton python model `postprocessing`: token ids -> answer text, incrementally for streams.
+"""Triton python model `postprocessing`: runs the request on `tensorrt_llm` and turns tokens into text.
 
-A streamed request reaches this model once per generation response, each time with the same
-DETOKENIZE_STATE (from preprocessing), whose key finds the request's `TextStream`.
+Decoupled: every request gets a thread that sends the prepared tensors to the generator (BLS, the same
+tensors an ensemble step would pass) and forwards the text of each generated piece as it arrives. The text
+logic (incremental detokenization, stop strings) is `steerlm.serve.textstream.TextStream`.
 """
 
 import json
-from collections import OrderedDict
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from steerlm.serve.textstream import TextStream
+from steerlm.spec import load_spec
 from steerlm.tokenize import load_tokenizer
 
-# Streams whose client went away never finish; forget the oldest beyond this many.
-MAX_OPEN_STREAMS = 4096
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+GENERATOR_INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
+                    "bad_words_list", "streaming", "temperature", "runtime_top_k", "runtime_top_p", "seed")
+
+
+def _text_tensor(name, text):
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return pb_utils.Tensor(name, np.array([[data]], dtype=np.object_))
+
+
+def _scalar(request, name, default=None):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"])["parameters"]
-        self.tokenizer = load_tokenizer(params["model_dir"]["string_value"])
-        self.open: OrderedDict[str, TextStream] = OrderedDict()
-        # Finished streams can still get a response (the generator's empty final one): answer it with "".
-        self.finished: OrderedDict[str, None] = OrderedDict()
+        model_dir = params["model_dir"]["string_value"]
+        self.generator = params["generator_model"]["string_value"]
+        self.tokenizer = load_tokenizer(model_dir)
+        self.trailer = load_spec(model_dir).template.answer_end
 
     def execute(self, requests):
-        return [self._one(r) for r in requests]
+        for request in requests:
+            threading.Thread(target=self._run, args=(request,), daemon=True).start()
+        return None
 
-    def _one(self, request):
-        state = json.loads(pb_utils.get_input_tensor_by_name(request, "DETOKENIZE_STATE").as_numpy().reshape(-1)[0])
-        tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()  # [1, beam, n]
-        lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()  # [1, beam]
-        n = int(lengths.reshape(-1)[0]) if lengths.size else 0
-        ids = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])[0, 0, :n].tolist() if tokens.size else []
+    def _run(self, request):
+        sender = request.get_response_sender()
+        try:
+            self._generate(request, sender)
+        except Exception as exc:  # a failure ends this request only
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {exc}")),
+                        flags=FINAL)
+
+    def _generate(self, request, sender):
+        stream = bool(_scalar(request, "streaming", False))
+        inputs = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in GENERATOR_INPUTS) if t is not None]
+        stops = [s.decode("utf-8") for s in pb_utils.get_input_tensor_by_name(request, "STOP_STRINGS").as_numpy().reshape(-1)]
         prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)[0]
-        key = state["key"]
-        if not state["stream"]:
-            text = self._new_stream(state).feed(ids, last=True)
-        elif key in self.finished:
-            text, prompt = "", b""
+        text = TextStream(self.tokenizer, stops, end_id=_scalar(request, "end_id"),
+                          max_tokens=_scalar(request, "request_output_len"), trailer=self.trailer)
+        generation = pb_utils.InferenceRequest(
+            model_name=self.generator, inputs=inputs, requested_output_names=["output_ids", "sequence_length"])
+        pieces, first = [], True
+        for response in generation.exec(decoupled=True):
+            if response.has_error():
+                raise RuntimeError(response.error().message())
+            if sender.is_cancelled():
+                return
+            ids = pb_utils.get_output_tensor_by_name(response, "output_ids")
+            if ids is None:  # the generator's closing response carries no tensors
+                continue
+            n = int(pb_utils.get_output_tensor_by_name(response, "sequence_length").as_numpy().reshape(-1)[0])
+            piece = text.feed(ids.as_numpy().reshape(-1)[:n].tolist())
+            if not stream:
+                pieces.append(piece)
+            elif piece or first:
+                sender.send(pb_utils.InferenceResponse(
+                    output_tensors=[_text_tensor("OUTPUT", piece), _text_tensor("OUT_PROMPT", prompt if first else b"")]))
+                first = False
+        tail = text.finish()
+        if not stream:
+            sender.send(pb_utils.InferenceResponse(
+                output_tensors=[_text_tensor("OUTPUT", "".join(pieces) + tail), _text_tensor("OUT_PROMPT", prompt)]),
+                flags=FINAL)
+        elif tail or first:
+            sender.send(pb_utils.InferenceResponse(
+                output_tensors=[_text_tensor("OUTPUT", tail), _text_tensor("OUT_PROMPT", prompt if first else b"")]),
+                flags=FINAL)
         else:
-            stream = self.open.pop(key, None)
-            if stream is None:
-                stream = self._new_stream(state)
-            else:
-                prompt = b""  # sent with the first response of the stream only
-            text = stream.feed(ids)
-            if stream.done:
-                self._remember(self.finished, key, None)
-            else:
-                self._remember(self.open, key, stream)
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("OUTPUT", np.array([[text.encode("utf-8")]], dtype=np.object_)),
-            pb_utils.Tensor("OUT_PROMPT", np.array([[prompt]], dtype=np.object_)),
-        ])
-
-    def _new_stream(self, state) -> TextStream:
-        return TextStream(self.tokenizer, state["stop"], end_id=state["end_id"], max_tokens=state["max_tokens"],
-                          trailer=state["trailer"])
-
-    @staticmethod
-    def _remember(table: OrderedDict, key, value) -> None:
-        table[key] = value
-        while len(table) > MAX_OPEN_STREAMS:
-            table.popitem(last=False)
+            sender.send(flags=FINAL)

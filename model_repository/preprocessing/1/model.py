@@ -49,7 +49,6 @@ class TritonPythonModel:
             if query.shape[0] != 1:
                 raise RequestError(f"send one conversation per request (batch size 1), got {query.shape[0]}")
             text = lambda name: None if (v := _scalar(request, name)) is None else _text(v)  # noqa: E731
-            stream = _scalar(request, "STREAM")
             end_id, pad_id = _scalar(request, "END_ID"), _scalar(request, "PAD_ID")
             prepared = self.builder.build(
                 _text(_scalar(request, "QUERY")),
@@ -61,7 +60,6 @@ class TritonPythonModel:
                 bad_words=_strings(request, "BAD_WORDS_DICT"),
                 end_id=None if end_id is None else int(end_id),
                 pad_id=None if pad_id is None else int(pad_id),
-                stream=bool(stream) if stream is not None else False,
             )
         except (RequestError, UnicodeDecodeError) as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad request: {exc}"))
@@ -74,7 +72,7 @@ class TritonPythonModel:
             "BAD_WORDS_IDS": word_list(prepared.bad_words)[None],
             "OUT_END_ID": np.array([[prepared.end_id]], dtype=np.int32),
             "OUT_PAD_ID": np.array([[prepared.pad_id]], dtype=np.int32),
+            "STOP_STRINGS": np.array([[s.encode("utf-8") for s in prepared.stop_strings]], dtype=np.object_),
             "PROMPT": np.array([[prepared.prompt.encode("utf-8")]], dtype=np.object_),
-            "DETOKENIZE_STATE": np.array([[json.dumps(prepared.detokenize).encode("utf-8")]], dtype=np.object_),
         }
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])

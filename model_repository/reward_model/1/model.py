@@ -34,7 +34,6 @@ class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"])["parameters"]
         self.scorer = load_reward_model(params["model_dir"]["string_value"])
-        self.schema = self.scorer.spec.schema
 
     def execute(self, requests):
         parsed, responses = [], [None] * len(requests)
@@ -43,14 +42,12 @@ class TritonPythonModel:
                 parsed.append((i, *_conversation(request)))
             except ValueError as exc:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad request: {exc}"))
-        # One scoring call per distinct system prompt keeps the batch on the scorer's fast path.
-        for system in {p[1] for p in parsed}:
-            group = [p for p in parsed if p[1] == system]
-            scores = self.scorer.score([p[2] for p in group], system=system)
-            for (i, _, _), row in zip(group, np.asarray(scores, dtype=np.float32)):
-                labels = self.schema.encode(self.schema.from_scores(row.tolist()))
+        if parsed:
+            scores = self.scorer.score([p[2] for p in parsed], system=[p[1] for p in parsed])
+            for (i, _, _), row in zip(parsed, np.asarray(scores, dtype=np.float32)):
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("scores", row),
-                    pb_utils.Tensor("labels", np.array([labels.encode("utf-8")], dtype=np.object_)),
+                    pb_utils.Tensor("labels", np.array([self.scorer.labels(row.tolist()).encode("utf-8")],
+                                                       dtype=np.object_)),
                 ])
         return responses

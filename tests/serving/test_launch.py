@@ -1,0 +1,92 @@
+"""`make serve` (python -m steerlm.serve) and a hand-typed tritonserver, each queried with client/query.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from steerlm_client import SteerClient
+
+ROOT = Path(__file__).resolve().parents[2]
+QUESTION = "Where and when did techno music originate?"
+PROMPT_END = ("<extra_id_1>User\n" + QUESTION + "\n<extra_id_1>Assistant\n<extra_id_2>quality:4,toxicity:0,humor:0,"
+              "creativity:0,helpfulness:4,correctness:4,coherence:4,complexity:4,verbosity:4\n")
+
+
+def query(*args) -> subprocess.CompletedProcess:
+    """client/query.py run from the repository root, as a user runs it."""
+    return subprocess.run([sys.executable, "client/query.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float = 180) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            pytest.fail("server command ended early:\n" + "".join(lines) + proc.stderr.read())
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+    pytest.fail(f"no line matching {pattern!r} in time:\n" + "".join(lines))
+
+
+def test_serve_command_streams_answers_to_the_cli_client_and_stops_on_ctrl_c(tiny_model):
+    proc = subprocess.Popen([sys.executable, "-m", "steerlm.serve", "--model", str(tiny_model), "--http-port", "0",
+                             "--grpc-port", "0", "--metrics-port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        banner = "".join(wait_for_line(proc, "Ctrl-C stops the server"))
+        grpc_url = re.search(r"gRPC\s+(\S+)", banner).group(1)
+        http_url = re.search(r"HTTP\s+http://(\S+)", banner).group(1)
+        streamed = query(QUESTION, "--attr", "verbosity=4", "--stream", "--url", grpc_url, "--max-tokens", "16")
+        assert streamed.returncode == 0, streamed.stderr
+        whole = query(QUESTION, "--attr", "verbosity=4", "--print-prompt", "--protocol", "http", "--url", http_url,
+                      "--max-tokens", "16")
+        assert whole.returncode == 0, whole.stderr
+        assert whole.stdout.startswith("<extra_id_0>System\n") and PROMPT_END in whole.stdout
+        assert whole.stdout.split(PROMPT_END, 1)[1] == streamed.stdout
+        bad = query(QUESTION, "--attr", "verbosity=7", "--url", grpc_url)
+        assert bad.returncode == 1 and "verbosity" in bad.stderr and "0..4" in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0
+    with pytest.raises(Exception):
+        SteerClient(http_url, "http", timeout=5).generate(QUESTION, max_tokens=1)
+
+
+def test_rendered_repository_serves_from_a_hand_typed_tritonserver_command(tiny_model, tmp_path):
+    dry = subprocess.run([sys.executable, "-m", "steerlm.serve", "--model", str(tiny_model), "--repo-dir",
+                          str(tmp_path / "repo"), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+                          "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    command = dry.stdout.splitlines()[-1].strip()
+    assert "tritonserver" in command and f"--model-repository={(tmp_path / 'repo').resolve()}" in command
+    grpc_url = "127.0.0.1:" + re.search(r"--grpc-port=(\d+)", command).group(1)
+    # As typed into a shell; its own process group, so that the server and its python stubs stop together.
+    server = subprocess.Popen(["bash", "-c", command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            answer = query(QUESTION, "--url", grpc_url, "--max-tokens", "8", "--print-prompt")
+            if answer.returncode == 0 or time.monotonic() > deadline or server.poll() is not None:
+                break
+            time.sleep(1)
+        assert answer.returncode == 0, answer.stderr
+        assert PROMPT_END in answer.stdout
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -1,0 +1,188 @@
+"""The `steerlm` ensemble on a real tritonserver: protocols, streaming, steering, stops, batching, errors."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import numpy as np
+import pytest
+
+from steerlm.tokenize import load_tokenizer
+from steerlm_client import SteerClient, SteerError
+
+QUESTION = "Where and when did techno music originate?"
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+# REFERENCE section 1, written out by hand (HelpSteer order; attributes left out take the model's defaults).
+PROMPT = (
+    "<extra_id_0>System\n" + SYSTEM + "\n"
+    "<extra_id_1>User\n" + QUESTION + "\n"
+    "<extra_id_1>Assistant\n"
+    "<extra_id_2>quality:4,toxicity:0,humor:0,creativity:0,helpfulness:4,correctness:4,coherence:4,complexity:4,"
+    "verbosity:4\n"
+)
+
+
+def test_prompt_output_matches_the_reference_format_byte_for_byte(client):
+    assert client.complete(QUESTION, attributes={"verbosity": 4}, max_tokens=4).prompt == PROMPT
+
+
+def test_attributes_reach_the_rendered_prompt(client):
+    prompt = client.complete(QUESTION, attributes="creativity:3,verbosity:1", max_tokens=2).prompt
+    assert prompt.endswith("<extra_id_2>quality:4,toxicity:0,humor:0,creativity:3,helpfulness:4,correctness:4,"
+                           "coherence:4,complexity:4,verbosity:1\n")
+
+
+def test_system_prompt_and_history_render_as_multi_turn(client):
+    history = [{"question": "Hi!", "answer": "Hello, how can I help?", "attributes": {"verbosity": 1}}]
+    prompt = client.complete("Tell me about techno.", system="Be brief.", history=history, max_tokens=2).prompt
+    labels = "quality:4,toxicity:0,humor:0,creativity:0,helpfulness:4,correctness:4,coherence:4,complexity:4,"
+    assert prompt == (
+        "<extra_id_0>System\nBe brief.\n"
+        "<extra_id_1>User\nHi!\n<extra_id_1>Assistant\n<extra_id_2>" + labels + "verbosity:1\nHello, how can I help?\n"
+        "<extra_id_1>User\nTell me about techno.\n<extra_id_1>Assistant\n<extra_id_2>" + labels + "verbosity:4\n"
+    )
+
+
+def test_http_and_grpc_give_the_same_greedy_answer(server):
+    grpc = SteerClient(server.grpc_url, "grpc").generate(QUESTION, max_tokens=24)
+    http = SteerClient(server.http_url, "http").generate(QUESTION, max_tokens=24)
+    assert grpc and grpc == http
+
+
+def test_streamed_pieces_concatenate_to_the_whole_answer(client):
+    whole = client.generate(QUESTION, attributes={"verbosity": 4}, max_tokens=32)
+    stream = client.stream(QUESTION, attributes={"verbosity": 4}, max_tokens=32)
+    pieces = list(stream)
+    assert len(pieces) > 1
+    assert "".join(pieces) == whole
+    assert stream.prompt == PROMPT
+
+
+def test_sampling_with_the_same_seed_repeats_streamed_or_whole(grpc_client):
+    args = dict(max_tokens=24, temperature=1.0, top_k=50, seed=1234)
+    whole = grpc_client.generate(QUESTION, **args)
+    assert "".join(grpc_client.stream(QUESTION, **args)) == whole
+
+
+def _stop_from(tok, answer: str) -> str:
+    """A stop string from the middle of `answer` that is several tokens long."""
+    for start in range(len(answer) // 3, len(answer) - 6):
+        stop = answer[start : start + 6]
+        if "\ufffd" not in stop and len(tok.encode(stop, add_special_tokens=False).ids) >= 2:
+            return stop
+    pytest.fail(f"no multi-token stop string in {answer!r}")
+
+
+def test_stop_word_spanning_tokens_ends_the_answer_and_never_shows(client, tiny_model):
+    answer = client.generate(QUESTION, max_tokens=40)
+    stop = _stop_from(load_tokenizer(tiny_model), answer)
+    expected = answer[: answer.index(stop)]
+    assert client.generate(QUESTION, max_tokens=40, stop_words=[stop]) == expected
+    pieces = list(client.stream(QUESTION, max_tokens=40, stop_words=["unrelated", stop]))
+    assert "".join(pieces) == expected
+    assert not any(stop in p for p in pieces)
+
+
+def test_concurrent_requests_are_answered_as_if_sent_alone(server):
+    jobs = [(f"Question number {i}: why is the sky blue?", 12 + 4 * i, "grpc" if i % 2 else "http", i % 3 == 0)
+            for i in range(6)]
+
+    def run(question, max_tokens, protocol, stream):
+        client = SteerClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+        if stream:
+            return "".join(client.stream(question, max_tokens=max_tokens))
+        return client.generate(question, max_tokens=max_tokens)
+
+    alone = [run(*job) for job in jobs]
+    together: list = [None] * len(jobs)
+    barrier = threading.Barrier(len(jobs))
+
+    def worker(i):
+        barrier.wait()
+        together[i] = run(*jobs[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == alone
+    assert len(set(alone)) == len(alone)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(attributes="funniness:3"), r"unknown attribute 'funniness'.*verbosity"),
+        (dict(attributes={"verbosity": 9}), r"verbosity.*9.*0\.\.4"),
+        (dict(history="[{not json"), r"history is not valid JSON"),
+    ],
+)
+def test_bad_request_fails_alone_with_a_clear_error(client, kwargs, pattern):
+    with pytest.raises(SteerError, match=pattern):
+        client.generate(QUESTION, max_tokens=4, **kwargs)
+    assert client.generate(QUESTION, max_tokens=4)  # the server keeps serving
+
+
+def test_missing_max_tokens_is_named(server):
+    import tritonclient.grpc as grpcclient
+    from steerlm_client.client import _grpc_input
+
+    errors = []
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: errors.append(error))
+    client.async_stream_infer("steerlm", [_grpc_input(grpcclient, "text_input", QUESTION)])
+    client.stop_stream()
+    client.close()
+    assert errors and errors[0] is not None and "max_tokens" in str(errors[0])
+    assert SteerClient(server.grpc_url).generate(QUESTION, max_tokens=4)
+
+
+def test_stock_tensorrtllm_backend_clients_work_over_http_generate(server):
+    """tensorrtllm_backend's documented request: POST /v2/models/<ensemble>/generate with the plain names."""
+    import json
+    import urllib.request
+
+    body = {"text_input": QUESTION, "max_tokens": 16, "bad_words": "", "stop_words": ""}
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/steerlm/generate",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        doc = json.loads(r.read())
+    assert doc["text_output"] == SteerClient(server.grpc_url).generate(QUESTION, max_tokens=16)
+    assert re.match(r"<extra_id_0>System\n", doc["prompt"])
+
+
+def test_generation_model_keeps_the_tensorrt_llm_tensor_contract(server, tiny_model):
+    """`tensorrt_llm` answers a raw request with the C++ backend's tensors (ModelStreamInfer: decoupled)."""
+    import tritonclient.grpc as grpcclient
+
+    from steerlm.serve.requests import RequestBuilder, word_list
+
+    prepared = RequestBuilder(tiny_model).build(QUESTION, 8)
+    ids = np.array([prepared.input_ids], dtype=np.int32)
+    tensors = {
+        "input_ids": ids, "input_lengths": np.array([[ids.shape[1]]], dtype=np.int32),
+        "request_output_len": np.array([[8]], dtype=np.int32), "end_id": np.array([[prepared.end_id]], np.int32),
+        "pad_id": np.array([[prepared.pad_id]], np.int32), "stop_words_list": word_list(prepared.stop_words)[None],
+        "streaming": np.array([[True]]),
+    }
+    inputs = []
+    for name, arr in tensors.items():
+        inp = grpcclient.InferInput(name, list(arr.shape), "BOOL" if arr.dtype == bool else "INT32")
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    results = []
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.append((result, error)))
+    client.async_stream_infer("tensorrt_llm", inputs)
+    client.stop_stream()
+    client.close()
+    assert all(e is None for _, e in results)
+    tokens = [r.as_numpy("output_ids") for r, _ in results]
+    assert all(t.dtype == np.int32 and t.ndim == 3 and t.shape[:2] == (1, 1) for t in tokens)
+    lengths = [int(r.as_numpy("sequence_length")[0, 0]) for r, _ in results]
+    assert lengths == [t.shape[2] for t in tokens]
+    streamed = np.concatenate([t[0, 0] for t in tokens]).tolist()
+    assert 1 <= len(streamed) <= 8 and prepared.end_id not in streamed
