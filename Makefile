@@ -9,7 +9,10 @@ STAMP := $(VENV)/.installed
 
 # serve / query
 MODEL ?= runs/tiny
-RM ?=
+# RM is the reward model directory here, but make predefines RM = rm -f: drop that default.
+ifeq ($(origin RM),default)
+RM :=
+endif
 BACKEND ?= cpu
 ENGINE_DIR ?=
 TP ?= 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -34,24 +33,25 @@ class TritonScorer:
 
         self.url = url.split("://", 1)[-1]
         self.model_name = model_name
-        self.concurrency = concurrency
         self._client = httpclient.InferenceServerClient(self.url, concurrency=concurrency)
         self._http = httpclient
 
-    def _one(self, turns: Sequence[Turn], system: str | None) -> np.ndarray:
+    def _request(self, turns: Sequence[Turn], system: str | None):
         payload = {"system": system, "turns": [{"question": t.question, "answer": t.answer} for t in turns]}
         inp = self._http.InferInput("conversation", [1], "BYTES")
         inp.set_data_from_numpy(np.array([json.dumps(payload).encode()], dtype=object))
-        result = self._client.infer(self.model_name, [inp], outputs=[self._http.InferRequestedOutput("scores")])
-        scores = result.as_numpy("scores")
-        if scores is None:
-            raise RuntimeError(f"{self.model_name} at {self.url} returned no 'scores' output")
-        return np.asarray(scores, dtype=np.float32).reshape(-1)
+        return self._client.async_infer(self.model_name, [inp], outputs=[self._http.InferRequestedOutput("scores")])
 
     def score(self, conversations, system=None, batch_size: int = 8) -> np.ndarray:
+        """All requests go out at once; the client keeps `concurrency` of them in flight."""
         systems = list(system) if isinstance(system, (list, tuple)) else [system] * len(conversations)
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            rows = list(pool.map(self._one, conversations, systems))
+        pending = [self._request(c, s) for c, s in zip(conversations, systems)]
+        rows = []
+        for request in pending:
+            scores = request.get_result().as_numpy("scores")
+            if scores is None:
+                raise RuntimeError(f"{self.model_name} at {self.url} returned no 'scores' output")
+            rows.append(np.asarray(scores, dtype=np.float32).reshape(-1))
         return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
 

@@ -10,7 +10,6 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -190,11 +189,6 @@ class Metrics:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-
-    def records(self) -> Iterator[dict]:
-        with self.path.open() as f:
-            for line in f:
-                yield json.loads(line)
 
 
 def plot_losses(metrics: Path, png: Path, title: str) -> Path:

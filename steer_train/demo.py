@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,13 @@ def tree_hash(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of the children it waited for (build/ scripts): the cost of a stage
+    independent of whatever else the machine runs."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 class Pipeline:
     def __init__(self, work: Path, force: bool = False, echo: Callable[[str], None] = click.echo):
         self.work, self.force, self.echo = work, force, echo
@@ -108,11 +116,12 @@ class Pipeline:
                 continue
             self.echo(click.style(banner, bold=True))
             stamp.unlink(missing_ok=True)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), _cpu_seconds()
             stage.run()
-            seconds = time.perf_counter() - t0
-            write_json(stamp, {"key": key, "seconds": round(seconds, 1), "settings": stage.settings})
-            self.echo(f"    {stage.name} done in {seconds:.0f} s")
+            seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+            write_json(stamp, {"key": key, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                               "settings": stage.settings})
+            self.echo(f"    {stage.name} done in {seconds:.0f} s (CPU time {cpu:.0f} s)")
         self.echo(f"==> all stages finished ({time.perf_counter() - total:.0f} s this run)")
 
 

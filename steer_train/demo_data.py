@@ -2,10 +2,11 @@
 
 Sources (see `eval_data`):
 - MT-Bench reference answers (GPT-4; math, reasoning and coding questions): long, structured answers.
-  Each first-turn answer also appears cut at sentence ends to about 10, 35, 90 and 200 words, so the
-  data holds answers of many lengths to the same question, which is what verbosity is about.
+  Each first-turn answer also appears cut at sentence ends to at most 5, 10, 20, 35, 60, 90, 150 and 200
+  words, so the data holds answers of many lengths to the same question: the only way a model can tell
+  where to stop such an answer is the verbosity label, which is what verbosity is about.
   Second turns keep their first turn as history.
-- The ShareGPT-format conversations: their distinct exchanges as single turns (short chit-chat answers).
+- The ShareGPT-format conversations: 150 of their distinct exchanges as single turns (short chit-chat).
 Labels: `weak_labels` (verbosity, complexity); the other attributes stay missing.
 The MT-Bench questions without a reference answer are never trained on: they are the demo's eval prompts.
 """
@@ -30,7 +31,8 @@ DEMO_SCHEMA = AttributeSchema(
     )
 )
 DEMO_SPEC = SteerSpec(schema=DEMO_SCHEMA)
-TRUNCATION_WORDS = (10, 35, 90, 200)
+TRUNCATION_WORDS = (5, 10, 20, 35, 60, 90, 150, 200)
+SHAREGPT_PAIRS = 150
 
 _SENTENCE = re.compile(r"(?<=[.!?:])\s+|\n+")
 
@@ -72,8 +74,9 @@ def demo_conversations() -> list[Conversation]:
             history = Turn(first, first_answers[first], label_string(weak_labels(first_answers[first]), DEMO_SCHEMA.names))
             convs.append(Conversation(f"mtbench-ref-{len(convs)}", (history, _labelled(question, answer))))
     # The ShareGPT file repeats a few dozen exchanges hundreds of times; each distinct one is kept once.
-    pairs = dict.fromkeys(pair for turns in sharegpt_conversations() for pair in turns)
-    for question, answer in pairs:
+    # Evenly spaced so the sample spans the whole file, capped so that chit-chat does not swamp the references.
+    pairs = list(dict.fromkeys(pair for turns in sharegpt_conversations() for pair in turns))
+    for question, answer in pairs[:: max(1, len(pairs) // SHAREGPT_PAIRS)][:SHAREGPT_PAIRS]:
         convs.append(Conversation(f"sharegpt-{len(convs)}", (_labelled(question, answer),)))
     return convs
 

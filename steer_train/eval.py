@@ -9,7 +9,6 @@ Answers come from the served ensemble over gRPC (`--server`) or from the checkpo
 from __future__ import annotations
 
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,20 +55,16 @@ class ServerGenerator:
     """Answers from the `steerlm` ensemble over gRPC, several requests in flight so the server batches them."""
 
     def __init__(self, url: str, concurrency: int = 8, protocol: str = "grpc"):
-        self.url, self.concurrency, self.protocol = url, concurrency, protocol
-        self._local = threading.local()
+        from steerlm_client import SteerClient
 
-    def _client(self):
-        if not hasattr(self._local, "client"):
-            from steerlm_client import SteerClient
-
-            self._local.client = SteerClient(self.url, protocol=self.protocol)
-        return self._local.client
+        self.client = SteerClient(url, protocol=protocol)  # thread-safe: one connection per call
+        self.concurrency = concurrency
 
     def _one(self, request: tuple[str, Mapping[str, int]], decoding: Decoding) -> str:
         question, attributes = request
+        # The ensemble samples like TensorRT-LLM: greedy with top_k 1, sampling when top_p > 0.
         kwargs = {"top_k": 1} if decoding.temperature == 0 else {"temperature": decoding.temperature, "top_p": decoding.top_p}
-        return self._client().generate(
+        return self.client.generate(
             question, attributes=dict(attributes), max_tokens=decoding.max_tokens, seed=decoding.seed, **kwargs
         )
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from steer_train.common import (
-    Dist, Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, init_dist,
+    Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, init_dist,
     plot_losses, seed_all,
 )
 from steer_train.data import Conversation, load_jsonl

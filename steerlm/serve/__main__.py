@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from steerlm.serve.launch import default_tritonserver, engine_world_size, trtllm_command
+from steerlm.serve.launch import engine_world_size, trtllm_command
 from steerlm.serve.repository import RenderError, render_repository
 from steerlm.serve.triton import Ports, ServerError, TritonServer, server_env, shell_line
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -159,7 +160,8 @@ class TritonServer:
             repo_dir = render_repository(self.workdir / "models", model_dir, reward_model_dir, backend="cpu")
         self.repo_dir = Path(repo_dir).resolve()
         self.backend_dir = make_backend_dir(self.workdir / "backends")
-        self.ports = Ports.pick(http_port, grpc_port, metrics_port)
+        self._requested_ports = (http_port, grpc_port, metrics_port)
+        self.ports = Ports.pick(*self._requested_ports)
         self.timeout = timeout
         self.log_path = Path(log_file) if log_file else self.workdir / "tritonserver.log"
         self.extra_args = extra_args or []
@@ -181,6 +183,23 @@ class TritonServer:
         return tritonserver_command(self.repo_dir, self.backend_dir, self.ports, extra=self.extra_args)
 
     def start(self) -> "TritonServer":
+        # A port picked free can be taken by someone else before tritonserver binds it: pick again then.
+        for attempt in range(3):
+            try:
+                self._start_once()
+                return self
+            except ServerError as exc:
+                self.stop()
+                taken = "already in use" in str(exc) or "Address in use" in str(exc)
+                if not (taken and 0 in self._requested_ports and attempt < 2):
+                    raise
+                self.ports = Ports.pick(*self._requested_ports)
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def _start_once(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         try:
@@ -191,12 +210,7 @@ class TritonServer:
                                             preexec_fn=_die_with_parent)
         finally:
             log.close()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        self._wait_ready()
 
     def _wait_ready(self) -> None:
         url = f"http://{self.http_url}/v2/health/ready"
@@ -204,6 +218,10 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+            # Only once our server says it listens: another server on the port would answer the probe too.
+            if f"Started HTTPService at {self.http_url}" not in self._log_text():
+                time.sleep(0.2)
+                continue
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
@@ -213,12 +231,14 @@ class TritonServer:
             time.sleep(0.2)
         raise ServerError(f"tritonserver not ready after {self.timeout:.0f} s:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 60) -> str:
+    def _log_text(self) -> str:
         try:
-            text = self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
-            return "(no server log)"
-        return "\n".join(text.splitlines()[-lines:])
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self._log_text().splitlines()[-lines:]) or "(no server log)"
 
     def stop(self, grace: float = 15.0) -> None:
         """Stop the server by its PID: SIGTERM (Triton unloads models), then SIGKILL after `grace` seconds."""
@@ -233,8 +253,6 @@ class TritonServer:
                 proc.wait()
 
     def cleanup(self) -> None:
-        import shutil
-
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import steer_train.sft as sft
-from steer_train.data import Conversation, load_jsonl
+from steer_train.data import Conversation
 from steer_train.sample import generate
 from steerlm.schema import HELPSTEER
 from steerlm.spec import load_spec

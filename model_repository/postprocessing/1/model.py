@@ -64,7 +64,8 @@ class TritonPythonModel:
         for response in generation.exec(decoupled=True):
             if response.has_error():
                 raise RuntimeError(response.error().message())
-            if sender.is_cancelled():
+            if sender.is_cancelled():  # the client went away (the generator finishes within max_tokens)
+                sender.send(flags=FINAL)
                 return
             ids = pb_utils.get_output_tensor_by_name(response, "output_ids")
             if ids is None:  # the generator's closing response carries no tensors

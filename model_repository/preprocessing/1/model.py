@@ -10,6 +10,10 @@ import triton_python_backend_utils as pb_utils
 
 from steerlm.serve.requests import RequestBuilder, RequestError, word_list
 
+# This model's input names -> the ensemble's, for error messages.
+USER_NAMES = {"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens", "ATTRIBUTES": "attributes",
+              "SYSTEM": "system", "HISTORY": "history", "END_ID": "end_id", "PAD_ID": "pad_id"}
+
 
 def _optional(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -26,8 +30,14 @@ def _scalar(request, name):
     if arr is None:
         return None
     if arr.size != 1:
-        raise RequestError(f"{name.lower()} must hold exactly one value, got shape {list(arr.shape)}")
+        raise RequestError(f"{USER_NAMES[name]} must hold exactly one value (one conversation per request), "
+                           f"got shape {list(arr.shape)}")
     return arr.reshape(-1)[0]
+
+
+def _optional_text(request, name):
+    value = _scalar(request, name)
+    return None if value is None else _text(value)
 
 
 def _strings(request, name) -> list[str]:
@@ -45,17 +55,13 @@ class TritonPythonModel:
 
     def _one(self, request):
         try:
-            query = _optional(request, "QUERY")
-            if query.shape[0] != 1:
-                raise RequestError(f"send one conversation per request (batch size 1), got {query.shape[0]}")
-            text = lambda name: None if (v := _scalar(request, name)) is None else _text(v)  # noqa: E731
             end_id, pad_id = _scalar(request, "END_ID"), _scalar(request, "PAD_ID")
             prepared = self.builder.build(
                 _text(_scalar(request, "QUERY")),
                 _scalar(request, "REQUEST_OUTPUT_LEN"),
-                attributes=text("ATTRIBUTES"),
-                system=text("SYSTEM"),
-                history=text("HISTORY"),
+                attributes=_optional_text(request, "ATTRIBUTES"),
+                system=_optional_text(request, "SYSTEM"),
+                history=_optional_text(request, "HISTORY"),
                 stop_words=_strings(request, "STOP_WORDS_DICT"),
                 bad_words=_strings(request, "BAD_WORDS_DICT"),
                 end_id=None if end_id is None else int(end_id),

@@ -46,8 +46,8 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 self.engine.submit(self._request(request, sender))
-            except (ValueError, TypeError) as exc:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=FINAL)
+            except Exception as exc:  # a malformed request fails alone
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad request: {exc}")), flags=FINAL)
         return None
 
     def _request(self, request, sender) -> GenerationRequest:
@@ -72,13 +72,14 @@ class TritonPythonModel:
         if params.max_tokens < 1:
             raise ValueError(f"request_output_len must be >= 1, got {params.max_tokens}")
         stream = bool(_scalar(request, "streaming", False))
-        echo = prompt if not bool(_scalar(request, "exclude_input_in_output", True)) else []
+        # With exclude_input_in_output=false the prompt leads the output (the first response when streaming).
+        echo = [] if bool(_scalar(request, "exclude_input_in_output", True)) else prompt
 
         def emit(tokens, final):
-            out = (echo if (not stream or not sent[0]) else []) + list(tokens)
-            sent[0] = True
+            nonlocal echo
+            out, echo = echo + list(tokens), []
             response = pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("output_ids", np.array([[out]], dtype=np.int32).reshape(1, 1, len(out))),
+                pb_utils.Tensor("output_ids", np.array(out, dtype=np.int32).reshape(1, 1, len(out))),
                 pb_utils.Tensor("sequence_length", np.array([[len(out)]], dtype=np.int32)),
             ])
             sender.send(response, flags=FINAL if final else 0)
@@ -86,7 +87,6 @@ class TritonPythonModel:
         def fail(message):
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
 
-        sent = [False]
         return GenerationRequest(prompt, params, emit, stream=stream, fail=fail, cancelled=sender.is_cancelled)
 
     def finalize(self):
