@@ -34,6 +34,8 @@ help:
 	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|trtllm ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT=]"
 	@echo "make engine MODEL=DIR TP=N DTYPE=float16|bfloat16|fp8 GPU=a100|h100 [OUT=DIR]"
 	@echo "make eval MODEL=DIR RM=DIR"
+	@echo "make prepare DATA_IN='a.csv b.jsonl' [DATA_DIR=runs/data]   public data -> conversation JSONL + split"
+	@echo "make train-rm | annotate | train-sft | bootstrap [BASE= RM_DIR= SFT_DIR= NPROC=N TRAIN_ARGS=...]"
 
 setup: $(STAMP)
 
