@@ -2,10 +2,10 @@
 
 Sources (see `eval_data`):
 - MT-Bench reference answers (GPT-4; math, reasoning and coding questions): long, structured answers.
-  Each first-turn answer also appears cut at sentence ends to at most 5, 10, 20, 35, 60, 90, 150 and 200
-  words, so the data holds answers of many lengths to the same question: the only way a model can tell
-  where to stop such an answer is the verbosity label, which is what verbosity is about.
-  Second turns keep their first turn as history.
+  First turns only (a follow-up means nothing alone); answers over 220 words are cut at a sentence end.
+  Each answer also appears cut at sentence ends to at most 5, 10, 20, 30, 50, 70, 100 and 140 words, so
+  the data holds answers of many lengths to the same question: the only way a model can tell where to
+  stop such an answer is the verbosity label, which is what verbosity is about.
 - The ShareGPT-format conversations: 150 of their distinct exchanges as single turns (short chit-chat).
 Labels: `weak_labels` (verbosity, complexity); the other attributes stay missing.
 The MT-Bench questions without a reference answer are never trained on: they are the demo's eval prompts.
@@ -31,7 +31,9 @@ DEMO_SCHEMA = AttributeSchema(
     )
 )
 DEMO_SPEC = SteerSpec(schema=DEMO_SCHEMA)
-TRUNCATION_WORDS = (5, 10, 20, 35, 60, 90, 150, 200)
+TRUNCATION_WORDS = (5, 10, 20, 30, 50, 70, 100, 140)
+MAX_ANSWER_WORDS = 220
+CUT_SUFFIX = "-cut"  # id marker of the shortened copies
 SHAREGPT_PAIRS = 150
 
 _SENTENCE = re.compile(r"(?<=[.!?:])\s+|\n+")
@@ -59,20 +61,15 @@ def _labelled(question: str, answer: str) -> Turn:
 def demo_conversations() -> list[Conversation]:
     """Every demo conversation, weakly labelled, with stable ids."""
     convs: list[Conversation] = []
-    refs = mtbench_reference_pairs()
-    first_answers: dict[str, str] = {}
-    turns_by_question = {q["turns"][1]: q["turns"][0] for q in mtbench_questions()}
-    for question, answer in refs:
-        if question in turns_by_question:
+    follow_ups = {q["turns"][1] for q in mtbench_questions()}
+    for question, answer in mtbench_reference_pairs():
+        if question in follow_ups:  # a follow-up means nothing without its first turn
             continue
-        first_answers.setdefault(question, answer)
-        for j, text in enumerate([answer, *truncations(answer)]):
-            convs.append(Conversation(f"mtbench-ref-{len(convs)}-{j}", (_labelled(question, text),)))
-    for question, answer in refs:
-        first = turns_by_question.get(question)
-        if first in first_answers:
-            history = Turn(first, first_answers[first], label_string(weak_labels(first_answers[first]), DEMO_SCHEMA.names))
-            convs.append(Conversation(f"mtbench-ref-{len(convs)}", (history, _labelled(question, answer))))
+        if word_count(answer) > MAX_ANSWER_WORDS:
+            answer = truncations(answer, (MAX_ANSWER_WORDS,))[0]
+        convs.append(Conversation(f"mtbench-ref-{len(convs)}", (_labelled(question, answer),)))
+        for j, text in enumerate(truncations(answer)):
+            convs.append(Conversation(f"mtbench-ref-{len(convs)}{CUT_SUFFIX}{j}", (_labelled(question, text),)))
     # The ShareGPT file repeats a few dozen exchanges hundreds of times; each distinct one is kept once.
     # Evenly spaced so the sample spans the whole file, capped so that chit-chat does not swamp the references.
     pairs = list(dict.fromkeys(pair for turns in sharegpt_conversations() for pair in turns))
@@ -88,13 +85,21 @@ def heldout_questions() -> list[dict]:
 
 
 def build_demo_data(out_dir: str | Path, val_fraction: float = 0.15, seed: int = 0) -> dict[str, Path]:
-    """Write train.jsonl, val.jsonl (NeMo conversation JSONL) and eval_prompts.jsonl into `out_dir`."""
+    """Write into `out_dir` (NeMo conversation JSONL unless noted):
+    rm_train.jsonl  training conversations with the shortened copies, for the reward model;
+    train.jsonl     the same without the shortened copies, for annotation and SFT: a small model learns
+                    a label much faster when it changes how an answer starts, and a shortened copy starts
+                    exactly like its original;
+    val.jsonl       held-out conversations (whole questions, shortened copies included), for rm-eval;
+    eval_prompts.jsonl  the MT-Bench questions never trained on (prompt JSONL)."""
     import json
 
     out_dir = Path(out_dir)
     train, val = split(demo_conversations(), val_fraction, seed)
-    paths = {"train": out_dir / "train.jsonl", "val": out_dir / "val.jsonl", "eval_prompts": out_dir / "eval_prompts.jsonl"}
-    write_jsonl(paths["train"], train)
+    paths = {"rm_train": out_dir / "rm_train.jsonl", "train": out_dir / "train.jsonl", "val": out_dir / "val.jsonl",
+             "eval_prompts": out_dir / "eval_prompts.jsonl"}
+    write_jsonl(paths["rm_train"], train)
+    write_jsonl(paths["train"], [c for c in train if CUT_SUFFIX not in c.id])
     write_jsonl(paths["val"], val)
     prompts = [
         {"id": f"mtbench-{q['question_id']}", "category": q["category"], "question": q["turns"][0]}
