@@ -42,19 +42,19 @@ class DemoConfig:
     """Sizes chosen so that the whole run takes about ten minutes on two CPU cores (docs/eval.md has timings)."""
 
     vocab_size: int = 4096
-    hidden_size: int = 192
+    hidden_size: int = 128
     layers: int = 4
     rm_hidden_size: int = 128
     rm_layers: int = 2
     rm_epochs: float = 3.0
     rm_lr: float = 1e-3
-    sft_epochs: float = 6.0
-    sft_lr: float = 2e-3
+    sft_epochs: float = 8.0
+    sft_lr: float = 3e-3
     seq_len: int = 512
-    micro_batch: int = 8
+    micro_batch: int = 4
     eval_prompts: int = 12
-    eval_max_tokens: int = 320
-    ask_max_tokens: int = 320
+    eval_max_tokens: int = 240
+    ask_max_tokens: int = 240
     seed: int = 0
 
 
@@ -164,7 +164,6 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
     data, base, rm_base = work / "data", work / "base", work / "rm_base"
     rm, sft, ckpt, ev = work / "rm", work / "sft", work / "trtllm_ckpt", work / "eval"
     train, val, prompts = data / "train.jsonl", data / "val.jsonl", data / "eval_prompts.jsonl"
-    rm_train = data / "rm_train.jsonl"
     annotated = data / "train_annotated.jsonl"
 
     def build_data() -> None:
@@ -178,7 +177,7 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
         from steer_train.data import load_jsonl
         from steer_train.demo_data import DEMO_SCHEMA, corpus_texts
 
-        corpus = corpus_texts(load_jsonl(rm_train, DEMO_SCHEMA) + load_jsonl(val, DEMO_SCHEMA))
+        corpus = corpus_texts(load_jsonl(train, DEMO_SCHEMA) + load_jsonl(val, DEMO_SCHEMA))
         init_base(base, corpus, cfg.hidden_size, cfg.layers, cfg.vocab_size, cfg.seed)
         init_base(rm_base, corpus, cfg.rm_hidden_size, cfg.rm_layers, cfg.vocab_size, cfg.seed + 1)
         echo(f"    generator base: {base}; reward-model backbone: {rm_base}")
@@ -187,7 +186,7 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
         from steer_train.rm import RMConfig, train as train_reward_model
 
         shutil.rmtree(rm, ignore_errors=True)
-        train_reward_model(RMConfig(model=str(rm_base), data=str(rm_train), val_data=str(val), out=str(rm),
+        train_reward_model(RMConfig(model=str(rm_base), data=str(train), val_data=str(val), out=str(rm),
                                     epochs=cfg.rm_epochs, lr=cfg.rm_lr, seed=cfg.seed))
 
     def eval_rm() -> None:
@@ -229,11 +228,11 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
     sizes = asdict(cfg)
     pick = lambda *names: {n: sizes[n] for n in names}  # noqa: E731 - each stage keys on its own settings only
     return [
-        Stage("data", "demo data from MT-Bench + ShareGPT text, weakly labelled", [], [rm_train, train, val, prompts],
-              build_data, {"version": 2, "seed": cfg.seed}),
-        Stage("base", "tiny random Llamas + a tokenizer trained on the demo text", [rm_train, val], [base, rm_base],
+        Stage("data", "demo data from MT-Bench + ShareGPT text, weakly labelled", [], [train, val, prompts],
+              build_data, {"version": 3, "seed": cfg.seed}),
+        Stage("base", "tiny random Llamas + a tokenizer trained on the demo text", [train, val], [base, rm_base],
               build_bases, pick("vocab_size", "hidden_size", "layers", "rm_hidden_size", "rm_layers", "seed")),
-        Stage("rm", "train the reward model (attribute prediction) on the weak labels", [rm_base, rm_train, val], [rm],
+        Stage("rm", "train the reward model (attribute prediction) on the weak labels", [rm_base, train, val], [rm],
               train_rm, pick("rm_epochs", "rm_lr", "seed")),
         Stage("rm-eval", "reward model on held-out conversations: MAE, Pearson r, pairwise accuracy", [rm, val],
               [work / "rm_eval" / "rm_eval.md"], eval_rm),

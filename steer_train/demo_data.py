@@ -3,9 +3,9 @@
 Sources (see `eval_data`):
 - MT-Bench reference answers (GPT-4; math, reasoning and coding questions): long, structured answers.
   First turns only (a follow-up means nothing alone); answers over 220 words are cut at a sentence end.
-  Each answer also appears cut at sentence ends to at most 5, 10, 20, 30, 50, 70, 100 and 140 words, so
-  the data holds answers of many lengths to the same question: the only way a model can tell where to
-  stop such an answer is the verbosity label, which is what verbosity is about.
+  Each answer also appears shortened to its closing sentences (at most 5, 10, 20, 30, 50, 70, 100 and 140
+  words; see `shortened`), so the data holds answers of many lengths to the same question, which is what
+  verbosity is about.
 - The ShareGPT-format conversations: 150 of their distinct exchanges as single turns (short chit-chat).
 Labels: `weak_labels` (verbosity, complexity); the other attributes stay missing.
 The MT-Bench questions without a reference answer are never trained on: they are the demo's eval prompts.
@@ -33,25 +33,36 @@ DEMO_SCHEMA = AttributeSchema(
 DEMO_SPEC = SteerSpec(schema=DEMO_SCHEMA)
 TRUNCATION_WORDS = (5, 10, 20, 30, 50, 70, 100, 140)
 MAX_ANSWER_WORDS = 220
-CUT_SUFFIX = "-cut"  # id marker of the shortened copies
 SHAREGPT_PAIRS = 150
 
 _SENTENCE = re.compile(r"(?<=[.!?:])\s+|\n+")
 
 
-def truncations(answer: str, targets: tuple[int, ...] = TRUNCATION_WORDS) -> list[str]:
-    """Prefixes of `answer` that end at a sentence or line end: for each word target below the answer's
-    length, the longest such prefix within it (duplicates dropped)."""
-    prefixes = [answer[: m.start()].rstrip() for m in _SENTENCE.finditer(answer)]
+def shortened(answer: str, targets: tuple[int, ...] = TRUNCATION_WORDS) -> list[str]:
+    """Shorter copies of `answer` made of its closing sentences: for each word target below the answer's
+    length, the longest tail that starts at a sentence or line start and fits (duplicates dropped).
+
+    Tails rather than heads: a tail ends where the answer ended (so stopping there is natural text), and it
+    starts differently from the whole answer, so the label changes how an answer begins, the cue a small
+    model picks up first. A closing sentence is often the conclusion, a fair very short answer."""
+    starts = [m.end() for m in _SENTENCE.finditer(answer)]
+    tails = [answer[i:].strip() for i in starts if answer[i:].strip()]
     total = word_count(answer)
     out: list[str] = []
     for target in targets:
         if target >= total:
             break
-        fitting = [p for p in prefixes if 0 < word_count(p) <= target]
-        if fitting and fitting[-1] not in out:
-            out.append(fitting[-1])
+        fitting = [t for t in tails if word_count(t) <= target]
+        if fitting and fitting[0] not in out:
+            out.append(fitting[0])
     return out
+
+
+def _head(answer: str, limit: int) -> str:
+    """The longest opening of `answer` that ends at a sentence end within `limit` words (else the first words)."""
+    ends = [m.start() for m in _SENTENCE.finditer(answer)]
+    fitting = [answer[:i].rstrip() for i in ends if word_count(answer[:i]) <= limit]
+    return fitting[-1] if fitting else " ".join(answer.split()[:limit])
 
 
 def _labelled(question: str, answer: str) -> Turn:
@@ -66,10 +77,10 @@ def demo_conversations() -> list[Conversation]:
         if question in follow_ups:  # a follow-up means nothing without its first turn
             continue
         if word_count(answer) > MAX_ANSWER_WORDS:
-            answer = truncations(answer, (MAX_ANSWER_WORDS,))[0]
+            answer = _head(answer, MAX_ANSWER_WORDS)
         convs.append(Conversation(f"mtbench-ref-{len(convs)}", (_labelled(question, answer),)))
-        for j, text in enumerate(truncations(answer)):
-            convs.append(Conversation(f"mtbench-ref-{len(convs)}{CUT_SUFFIX}{j}", (_labelled(question, text),)))
+        for j, text in enumerate(shortened(answer)):
+            convs.append(Conversation(f"mtbench-ref-{len(convs)}-short{j}", (_labelled(question, text),)))
     # The ShareGPT file repeats a few dozen exchanges hundreds of times; each distinct one is kept once.
     # Evenly spaced so the sample spans the whole file, capped so that chit-chat does not swamp the references.
     pairs = list(dict.fromkeys(pair for turns in sharegpt_conversations() for pair in turns))
@@ -85,21 +96,14 @@ def heldout_questions() -> list[dict]:
 
 
 def build_demo_data(out_dir: str | Path, val_fraction: float = 0.15, seed: int = 0) -> dict[str, Path]:
-    """Write into `out_dir` (NeMo conversation JSONL unless noted):
-    rm_train.jsonl  training conversations with the shortened copies, for the reward model;
-    train.jsonl     the same without the shortened copies, for annotation and SFT: a small model learns
-                    a label much faster when it changes how an answer starts, and a shortened copy starts
-                    exactly like its original;
-    val.jsonl       held-out conversations (whole questions, shortened copies included), for rm-eval;
-    eval_prompts.jsonl  the MT-Bench questions never trained on (prompt JSONL)."""
+    """Write train.jsonl, val.jsonl (NeMo conversation JSONL; shortened copies stay on the side of their
+    question) and eval_prompts.jsonl (the MT-Bench questions never trained on) into `out_dir`."""
     import json
 
     out_dir = Path(out_dir)
     train, val = split(demo_conversations(), val_fraction, seed)
-    paths = {"rm_train": out_dir / "rm_train.jsonl", "train": out_dir / "train.jsonl", "val": out_dir / "val.jsonl",
-             "eval_prompts": out_dir / "eval_prompts.jsonl"}
-    write_jsonl(paths["rm_train"], train)
-    write_jsonl(paths["train"], [c for c in train if CUT_SUFFIX not in c.id])
+    paths = {"train": out_dir / "train.jsonl", "val": out_dir / "val.jsonl", "eval_prompts": out_dir / "eval_prompts.jsonl"}
+    write_jsonl(paths["train"], train)
     write_jsonl(paths["val"], val)
     prompts = [
         {"id": f"mtbench-{q['question_id']}", "category": q["category"], "question": q["turns"][0]}

@@ -144,6 +144,7 @@ class SteerClient:
         inputs = [_grpc_input(grpcclient, name, value) for name, value in fields.items()]
         results: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
+        finished = False
         try:
             client.start_stream(callback=lambda result, error: results.put((result, error)),
                                 stream_timeout=self.timeout)
@@ -160,6 +161,7 @@ class SteerClient:
                 if text is not None:
                     yield _str(text), _str(prompt) if prompt is not None else ""
                 if result.get_response().parameters["triton_final_response"].bool_param:
+                    finished = True
                     return
         except InferenceServerException as exc:
             # A broken stream reports its cause through the callback; that is the useful message.
@@ -170,7 +172,9 @@ class SteerClient:
             raise SteerError(_message(error or exc)) from None
         finally:
             try:
-                client.stop_stream(cancel_requests=True)
+                # Cancel only a request still running (the caller stopped reading early): cancelling one that
+                # has already finished leaves tritonserver unable to unload the ensemble, so SIGTERM hangs.
+                client.stop_stream(cancel_requests=not finished)
             finally:
                 client.close()
 
