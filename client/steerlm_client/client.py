@@ -155,6 +155,7 @@ class SteerClient:
                 except queue.Empty:
                     raise SteerError(f"no response from {self.url} within {self.timeout:.0f} s") from None
                 if error is not None:
+                    finished = True  # an error response ends the request
                     raise SteerError(_message(error))
                 text = result.as_numpy("text_output")
                 prompt = result.as_numpy("prompt")

@@ -49,7 +49,9 @@ def test_server_renders_the_prompt_with_the_checkpoints_own_schema(server, sft_m
 
 
 def test_served_reward_scores_match_the_local_scorer(server, reward_model):
-    """Score the generator's own answer through `reward_model` and locally with steerlm.reward."""
+    """Score the generator's own answer through `reward_model` and locally with steerlm.reward.
+
+    The reward model carries the HelpSteer attributes, the generator the 13B ones: each keeps its own."""
     from steerlm.reward import load_reward_model
 
     client = SteerClient(server.grpc_url)

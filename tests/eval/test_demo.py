@@ -1,0 +1,72 @@
+"""The demo's data set and its stage runner (the full demo runs as `make demo`, not in the test suite)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from steer_train.demo import Pipeline, Stage
+from steer_train.demo_data import build_demo_data, shortened
+
+
+def test_shortened_copies_are_closing_sentences_within_each_word_target():
+    answer = "First point here. Second point follows now. Third and final point ends it."
+    # 13 words; no tail fits in 3 words, the last sentence fits in 7, the last two fit in 12.
+    assert shortened(answer, (3, 7, 12)) == [
+        "Third and final point ends it.",
+        "Second point follows now. Third and final point ends it.",
+    ]
+    assert shortened(answer, (13, 100)) == []  # never the whole answer again
+
+
+def test_demo_data_is_weakly_labelled_and_never_trains_on_the_eval_prompts(tmp_path):
+    paths = build_demo_data(tmp_path)
+    train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    val = [json.loads(line) for line in paths["val"].read_text().splitlines()]
+    prompts = [json.loads(line)["question"] for line in paths["eval_prompts"].read_text().splitlines()]
+    assert len(prompts) == 50
+    seen = {m["value"] for c in train + val for m in c["conversations"] if m["from"] == "User"}
+    assert not seen & set(prompts)
+    labels = [m["label"] for c in train for m in c["conversations"] if m["from"] == "Assistant"]
+    assert all(set(dict(kv.split(":") for kv in lab.split(","))) <= {"complexity", "verbosity"} for lab in labels)
+    assert {lab.split("verbosity:")[1] for lab in labels} == {"0", "1", "2", "3", "4"}
+
+
+def _stage(tmp_path, calls, settings):
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+
+    def run():
+        calls.append(1)
+        out.write_text(src.read_text().upper())
+
+    return Stage("upper", "copy in upper case", [src], [out], run, settings)
+
+
+def test_a_stage_runs_again_only_when_its_inputs_or_settings_change(tmp_path):
+    (tmp_path / "in.txt").write_text("a")
+    calls, log = [], []
+    pipe = Pipeline(tmp_path, echo=log.append)
+    pipe.run([_stage(tmp_path, calls, {"n": 1})])
+    pipe.run([_stage(tmp_path, calls, {"n": 1})])
+    assert len(calls) == 1 and any("up to date" in line for line in log)
+    (tmp_path / "in.txt").write_text("b")
+    pipe.run([_stage(tmp_path, calls, {"n": 1})])
+    assert len(calls) == 2 and (tmp_path / "out.txt").read_text() == "B"
+    pipe.run([_stage(tmp_path, calls, {"n": 2})])
+    assert len(calls) == 3
+    (tmp_path / "out.txt").unlink()
+    pipe.run([_stage(tmp_path, calls, {"n": 2})])
+    assert len(calls) == 4
+
+
+def test_a_failed_stage_leaves_no_stamp_so_the_next_run_retries_it(tmp_path):
+    (tmp_path / "in.txt").write_text("a")
+
+    def boom():
+        raise RuntimeError("crash")
+
+    stage = Stage("upper", "fails", [tmp_path / "in.txt"], [tmp_path / "in.txt"], boom)
+    with pytest.raises(RuntimeError, match="crash"):
+        Pipeline(tmp_path, echo=lambda _: None).run([stage])
+    assert not (tmp_path / "stamps" / "upper.json").exists()
