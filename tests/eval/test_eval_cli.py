@@ -82,3 +82,20 @@ def test_rm_eval_reports_each_labelled_attribute(tiny_rm, tmp_path):
     assert metrics["verbosity"]["n"] == 6 and metrics["verbosity"]["pairs"] == 6  # 3 pairs per prompt
     assert metrics["quality"]["n"] == 0  # unlabelled attributes are not scored
     assert "| verbosity | 6 |" in result.output and "| quality |" not in result.output
+
+
+def test_eval_through_the_served_ensemble_over_grpc(tiny_model, tiny_rm, prompts_file, tmp_path):
+    from steerlm.serve import TritonServer
+
+    out = tmp_path / "eval"
+    with TritonServer(tiny_model) as server:
+        result = CliRunner().invoke(cli, [
+            "eval", "--model", str(tiny_model), "--reward-model", str(tiny_rm), "--prompts", str(prompts_file),
+            "--attributes", "verbosity", "--values", "0,4", "--max-tokens", "5", "--server", server.grpc_url,
+            "--out", str(out),
+        ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    assert len(report["records"]) == 3 * 2
+    assert all(isinstance(r["answer"], str) for r in report["records"])
+    assert (out / "eval.png").stat().st_size > 0
