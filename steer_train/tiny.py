@@ -57,13 +57,15 @@ def init_tiny(
     vocab_size: int = 1024,
     max_positions: int = 1024,
     seed: int = 0,
+    corpus: list[str] | None = None,
 ) -> Path:
+    """Write the checkpoint to `out`; `corpus` (default: a few built-in sentences) trains the tokenizer."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     spec = spec or SteerSpec()
     out = Path(out)
-    tokenizer = train_tokenizer(spec.template, vocab_size)
+    tokenizer = train_tokenizer(spec.template, vocab_size, corpus)
     stop_id = tokenizer.convert_tokens_to_ids(spec.template.stop_strings[0])
     config = LlamaConfig(
         vocab_size=len(tokenizer),
