@@ -55,6 +55,10 @@ class DemoConfig:
     eval_prompts: int = 12
     eval_max_tokens: int = 240
     ask_max_tokens: int = 240
+    # Sampled, as a chat model is served: greedy decoding of so small a model falls into repetition loops
+    # that never reach the stop, so the answer's length could not follow the verbosity label.
+    temperature: float = 0.8
+    top_p: float = 0.95
     seed: int = 0
 
 
@@ -129,24 +133,15 @@ class Pipeline:
 
 
 def init_base(out: Path, corpus: list[str], hidden: int, layers: int, vocab: int, seed: int) -> Path:
-    """A tiny random Llama (`init_tiny`) whose tokenizer is retrained on the demo text: shorter token
+    """A tiny random Llama (`init_tiny`) whose tokenizer is trained on the demo text: shorter token
     sequences make training and generation several times faster than with the generic tiny tokenizer."""
-    from transformers import LlamaForCausalLM
-
     from steer_train.demo_data import DEMO_SPEC
-    from steer_train.tiny import init_tiny, train_tokenizer
-    from steerlm.spec import save_spec
+    from steer_train.tiny import init_tiny
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    init_tiny(tmp, DEMO_SPEC, hidden_size=hidden, layers=layers, heads=4, kv_heads=2, vocab_size=vocab, seed=seed)
-    tokenizer = train_tokenizer(DEMO_SPEC.template, vocab, corpus)
-    # Special tokens come first in both vocabularies, so the ids in the model's config stay valid.
-    model = LlamaForCausalLM.from_pretrained(tmp)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    save_spec(tmp, DEMO_SPEC)
+    init_tiny(tmp, DEMO_SPEC, hidden_size=hidden, layers=layers, heads=4, kv_heads=2, vocab_size=vocab, seed=seed,
+              corpus=corpus)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -244,7 +239,8 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
               convert),
         Stage("serve", "Triton: one question at verbosity 0 and 4, then the steerability eval over gRPC",
               [sft, rm, prompts], [ev / "eval.md", ev / "eval.png", work / "ask.json"], serve,
-              {**pick("eval_prompts", "eval_max_tokens", "ask_max_tokens", "seed"), "question": DEMO_QUESTION}),
+              {**pick("eval_prompts", "eval_max_tokens", "ask_max_tokens", "temperature", "top_p", "seed"),
+               "question": DEMO_QUESTION}),
     ]
 
 
@@ -265,7 +261,7 @@ def serve_ask_eval(work: Path, sft: Path, rm: Path, prompts: Path, cfg: DemoConf
         answers = [
             {"attributes": {"verbosity": v},
              "answer": client.generate(DEMO_QUESTION, attributes={"verbosity": v}, max_tokens=cfg.ask_max_tokens,
-                                       top_k=1)}
+                                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)}
             for v in STEP_VALUES
         ]
         write_json(work / "ask.json", {"question": DEMO_QUESTION, "answers": answers})
@@ -273,7 +269,8 @@ def serve_ask_eval(work: Path, sft: Path, rm: Path, prompts: Path, cfg: DemoConf
         generator = ev.ServerGenerator(server.grpc_url, concurrency=8)
         result = ev.steer_eval(
             load_prompts(prompts)[: cfg.eval_prompts], spec, load_reward_model(rm), generator,
-            ["verbosity", "complexity"], decoding=ev.Decoding(cfg.eval_max_tokens, seed=cfg.seed), progress=echo,
+            ["verbosity", "complexity"], progress=echo,
+            decoding=ev.Decoding(cfg.eval_max_tokens, cfg.temperature, cfg.top_p, cfg.seed),
         )
     ev.write_eval(result, work / "eval", title="demo model")
 
