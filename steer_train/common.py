@@ -19,6 +19,30 @@ from steerlm.spec import SteerSpec, load_spec, save_spec
 from steerlm.template import PromptTemplate
 
 
+@dataclass(kw_only=True)
+class TrainConfig:
+    """What every training loop (rm, sft) takes: data, output, optimisation and device settings."""
+
+    model: str
+    data: str
+    out: str
+    val_data: str | None = None
+    schema: str | None = None  # preset, only for a base without steerlm.json
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    epochs: float = 1.0
+    max_steps: int | None = None
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    bf16: bool | None = None  # None: on GPU only
+    grad_ckpt: bool | None = None  # None: on GPU only
+    device: str | None = None
+    progress: bool = True
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int

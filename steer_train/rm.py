@@ -20,7 +20,7 @@ import torch
 
 from steer_train.common import (
     Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, init_dist,
-    plot_losses, seed_all,
+    plot_losses, seed_all, TrainConfig,
 )
 from steer_train.data import Conversation, load_jsonl
 from steerlm.reward import RewardModel, RewardScorer, default_pooling, pad_batch, save_reward_model
@@ -29,30 +29,12 @@ from steerlm.spec import SteerSpec
 MISSING = -100.0
 
 
-@dataclass
-class RMConfig:
-    model: str
-    data: str
-    out: str
-    val_data: str | None = None
-    schema: str | None = None
+@dataclass(kw_only=True)
+class RMConfig(TrainConfig):
     pooling: str = "auto"
     max_length: int = 1024
     batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
     head_lr: float | None = None  # default: 10x lr (the head starts from scratch)
-    min_lr_ratio: float = 0.1
-    warmup: int = 10
-    epochs: float = 1.0
-    max_steps: int | None = None
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    bf16: bool | None = None
-    grad_ckpt: bool | None = None
-    device: str | None = None
-    progress: bool = True
 
 
 def samples(convs: Sequence[Conversation], spec: SteerSpec) -> list[tuple[list, str | None, list[float]]]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from steer_train.common import (
     Dist, Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, init_dist,
-    load_latest, plot_losses, rng_state, save_checkpoint, save_generator, seed_all, set_rng_state,
+    load_latest, plot_losses, rng_state, save_checkpoint, save_generator, seed_all, set_rng_state, TrainConfig,
 )
 from steer_train.data import Conversation, load_jsonl
 from steerlm.template import PromptTemplate, Segment, Turn
@@ -30,31 +30,13 @@ from steerlm.tokenize import encode_segments
 IGNORE = -100
 
 
-@dataclass
-class SFTConfig:
-    model: str
-    data: str
-    out: str
-    val_data: str | None = None
-    schema: str | None = None  # preset, only for a base without steerlm.json
+@dataclass(kw_only=True)
+class SFTConfig(TrainConfig):
     seq_len: int = 1024
     micro_batch: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1
-    warmup: int = 10
-    epochs: float = 1.0
-    max_steps: int | None = None
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
     save_every: int = 0
     keep: int = 2
     eval_every: int = 0
-    bf16: bool | None = None  # None: on GPU only
-    grad_ckpt: bool | None = None  # None: on GPU only
-    device: str | None = None
-    progress: bool = True
 
 
 # ---------------------------------------------------------------- data
