@@ -1,7 +1,7 @@
 """`make engine`: convert a Hugging Face SteerLM checkpoint, verify it, then build a TensorRT-LLM engine.
 
 Steps: check the request (GPU vs dtype, KV heads vs TP) -> convert_checkpoint -> verify_checkpoint ->
-trtllm-build with per-GPU defaults -> copy the tokenizer and steerlm.json next to the engine.
+trtllm-build -> copy the tokenizer and steerlm.json next to the engine.
 
 Exit status: 0 engine built; 1 verification or trtllm-build failed; 2 bad request (e.g. FP8 on A100,
 TP not allowed by the KV heads); 3 TensorRT-LLM is not installed: the verified checkpoint is ready
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from convert_checkpoint import SIDECAR_FILES, convert
+from convert_checkpoint import convert, copy_sidecars
 from trtllm_ckpt import FormatError, LlamaDims, check_tp
 
 EXIT_VERIFY_FAILED = 1
@@ -39,7 +39,6 @@ INSTALL_HINT = (
 
 @dataclass(frozen=True)
 class BuildPlan:
-    gpu: str
     dtype: str
     tp_size: int
     max_batch_size: int = 64
@@ -101,10 +100,10 @@ def serve_command(model_dir: Path, engine_dir: Path, tp_size: int) -> str:
               help="Default: runs/engines/<model>-tp<N>-<dtype>-<gpu>; holds checkpoint/ and engine/.")
 @click.option("--calibrator", default="builtin", show_default=True, type=click.Choice(["builtin", "modelopt"]),
               help="FP8 calibrator (modelopt needs nvidia-modelopt and a GPU).")
-@click.option("--max_batch_size", default=64, show_default=True)
-@click.option("--max_input_len", default=3072, show_default=True)
-@click.option("--max_seq_len", default=4096, show_default=True)
-@click.option("--max_num_tokens", default=8192, show_default=True)
+@click.option("--max_batch_size", default=BuildPlan.max_batch_size, show_default=True)
+@click.option("--max_input_len", default=BuildPlan.max_input_len, show_default=True)
+@click.option("--max_seq_len", default=BuildPlan.max_seq_len, show_default=True)
+@click.option("--max_num_tokens", default=BuildPlan.max_num_tokens, show_default=True)
 def main(model_dir, tp_size, dtype, gpu, output_dir, calibrator, max_batch_size, max_input_len, max_seq_len,
          max_num_tokens) -> None:
     """Convert, verify and build a TensorRT-LLM engine for a SteerLM checkpoint."""
@@ -114,7 +113,7 @@ def main(model_dir, tp_size, dtype, gpu, output_dir, calibrator, max_batch_size,
     model_dir = Path(model_dir)
     out = Path(output_dir) if output_dir else Path("runs/engines") / f"{model_dir.resolve().name}-tp{tp_size}-{dtype}-{gpu}"
     checkpoint_dir, engine_dir = out / "checkpoint", out / "engine"
-    plan = BuildPlan(gpu, dtype, tp_size, max_batch_size, max_input_len, max_seq_len, max_num_tokens)
+    plan = BuildPlan(dtype, tp_size, max_batch_size, max_input_len, max_seq_len, max_num_tokens)
     try:
         check_request(gpu, dtype, LlamaDims.from_model_dir(model_dir), tp_size)
         stats = None
@@ -148,9 +147,7 @@ def main(model_dir, tp_size, dtype, gpu, output_dir, calibrator, max_batch_size,
     if result.returncode:
         click.echo(f"Error: trtllm-build exited with status {result.returncode}", err=True)
         sys.exit(EXIT_VERIFY_FAILED)
-    for name in SIDECAR_FILES:
-        if (checkpoint_dir / name).is_file():
-            shutil.copy2(checkpoint_dir / name, engine_dir / name)
+    copy_sidecars(checkpoint_dir, engine_dir)
     click.echo(f"engine ready: {engine_dir}\nserve it with:\n    " + serve_command(model_dir, engine_dir, tp_size))
 
 

@@ -12,13 +12,14 @@ import json
 import os
 import shutil
 import sys
-import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
 import torch
 from tqdm import tqdm
 
+from staged_dir import staged_dir
 from st_stream import CheckpointReader, StreamingWriter
 from trtllm_ckpt import DTYPES, FormatError, Fp8Stats, LlamaDims, check_tp, rank_units, trtllm_config
 
@@ -79,45 +80,31 @@ def convert(
         for r, tensors in enumerate(unit):
             layouts[r].extend((name, tuple(t.shape), t.dtype) for name, t in tensors)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    writers: list[StreamingWriter] = []
-    try:
+    with staged_dir(output_dir) as tmp:
         metadata = {"format": "pt", "producer": "steerlm build/convert_checkpoint.py"}
-        writers = [StreamingWriter(tmp / f"rank{r}.safetensors", layouts[r], metadata) for r in range(tp_size)]
-        units = rank_units(reader.get, reader.__contains__, dims, tp_size, torch_dtype, stats)
-        for unit in tqdm(units, total=n_units, desc=f"convert tp={tp_size} {dtype}", disable=not progress):
-            for writer, tensors in zip(writers, unit):
-                for name, tensor in tensors:
-                    writer.write(name, tensor)
-        for writer in writers:
-            writer.close()
-        for name in SIDECAR_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
+        # Leaving the stack closes every rank file, or aborts them all when anything failed.
+        with ExitStack() as stack:
+            writers = [stack.enter_context(StreamingWriter(tmp / f"rank{r}.safetensors", layouts[r], metadata))
+                       for r in range(tp_size)]
+            units = rank_units(reader.get, reader.__contains__, dims, tp_size, torch_dtype, stats)
+            for unit in tqdm(units, total=n_units, desc=f"convert tp={tp_size} {dtype}", disable=not progress):
+                for writer, tensors in zip(writers, unit):
+                    for name, tensor in tensors:
+                        writer.write(name, tensor)
+        copy_sidecars(model_dir, tmp)
         if stats is not None:
             (tmp / STATS_FILE).write_text(json.dumps(stats.to_json(), indent=1) + "\n")
         # config.json last: a directory with it is a finished checkpoint.
         config = trtllm_config(dims, tp_size, base, fp8)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _replace_dir(tmp, output_dir)
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        src.rename(dst)
+def copy_sidecars(src: Path, dst: Path) -> None:
+    """Copy the SIDECAR_FILES that `src` has into `dst`."""
+    for name in SIDECAR_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -66,8 +66,8 @@ def calibrate(model_dir: str | os.PathLike, calibrator: str = "builtin", max_len
 
 
 def _install_hooks(model: torch.nn.Module, act: dict[str, float], kv: dict[int, float]) -> list:
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    head_dim = getattr(model.config, "head_dim", None) or head_dim
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     hooks = []
 
     def on_linear(name: str) -> Callable:

@@ -24,7 +24,6 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import uuid
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -33,6 +32,7 @@ import click
 import torch
 import yaml
 
+from staged_dir import staged_dir
 from st_stream import StreamingWriter
 
 PRECISIONS = {"16": torch.float16, "16-mixed": torch.float16, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
@@ -166,8 +166,8 @@ def hf_config(cfg: Mapping, vocab_rows: int, tied: bool, dtype: torch.dtype) -> 
     }
 
 
-def hf_tensors(ranks: list[dict], cfg: Mapping, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, merged tensor) one at a time, in file order."""
+def hf_tensors(ranks: list[dict], config: Mapping, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, merged tensor) one at a time, in file order; `config` is what hf_config() returns."""
 
     def cat(name: str, dim: int) -> torch.Tensor:
         missing = [r for r, sd in enumerate(ranks) if name not in sd]
@@ -175,14 +175,11 @@ def hf_tensors(ranks: list[dict], cfg: Mapping, dtype: torch.dtype) -> Iterator[
             raise NemoError(f"tensor {name!r} missing from tensor-parallel rank(s) {missing}")
         return torch.cat([sd[name] for sd in ranks], dim) if len(ranks) > 1 else ranks[0][name]
 
-    heads = int(cfg["num_attention_heads"])
-    groups = int(cfg.get("num_query_groups") or heads)
-    hidden = int(cfg["hidden_size"])
-    d = int(cfg.get("kv_channels") or hidden // heads)
+    heads, groups, d = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     per_group = heads // groups
 
     yield "model.embed_tokens.weight", cat("embedding.word_embeddings.weight", 0).to(dtype)
-    for i in range(int(cfg["num_layers"])):
+    for i in range(config["num_hidden_layers"]):
         p, hf = f"decoder.layers.{i}", f"model.layers.{i}"
         yield f"{hf}.input_layernorm.weight", ranks[0][f"{p}.self_attention.linear_qkv.layer_norm_weight"].to(dtype)
         qkv = cat(f"{p}.self_attention.linear_qkv.weight", 0).reshape(groups, per_group + 2, d, -1)
@@ -233,41 +230,33 @@ def nemo_to_hf(
     nemo_path, output_dir = Path(nemo_path), Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise NemoError(f"--output_dir {output_dir} already exists (pass --overwrite to replace it)")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=".nemo-extract-") as scratch:
-            root = _extract(nemo_path, Path(scratch))
-            cfg_path = next(iter(root.glob("model_config.yaml")), None)
-            if cfg_path is None:
-                raise NemoError(f"{nemo_path}: no model_config.yaml inside")
-            cfg = yaml.safe_load(cfg_path.read_text())
-            cfg = cfg.get("model", cfg)
-            torch_dtype = PRECISIONS.get(str(dtype or cfg.get("precision", "bf16")))
-            if torch_dtype is None:
-                raise NemoError(f"precision {dtype or cfg.get('precision')!r}: choose one of {', '.join(PRECISIONS)}")
-            ranks = load_rank_state_dicts(root, trust_pickle)
-            _write_weights(tmp / "model.safetensors", lambda: hf_tensors(ranks, cfg, torch_dtype))
-            vocab_rows = sum(sd["embedding.word_embeddings.weight"].shape[0] for sd in ranks)
-            tied = "output_layer.weight" not in ranks[0]
-            (tmp / "config.json").write_text(json.dumps(hf_config(cfg, vocab_rows, tied, torch_dtype), indent=2) + "\n")
-            head = _reward_head(ranks)
-            if head is not None:
-                from safetensors.torch import save_file
+    with staged_dir(output_dir) as tmp, \
+            tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=".nemo-extract-") as scratch:
+        root = _extract(nemo_path, Path(scratch))
+        cfg_path = next(iter(root.glob("model_config.yaml")), None)
+        if cfg_path is None:
+            raise NemoError(f"{nemo_path}: no model_config.yaml inside")
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg = cfg.get("model", cfg)
+        torch_dtype = PRECISIONS.get(str(dtype or cfg.get("precision", "bf16")))
+        if torch_dtype is None:
+            raise NemoError(f"precision {dtype or cfg.get('precision')!r}: choose one of {', '.join(PRECISIONS)}")
+        ranks = load_rank_state_dicts(root, trust_pickle)
+        # The config first: it refuses unsupported models before any weight is merged.
+        vocab_rows = sum(sd["embedding.word_embeddings.weight"].shape[0] for sd in ranks)
+        config = hf_config(cfg, vocab_rows, "output_layer.weight" not in ranks[0], torch_dtype)
+        _write_weights(tmp / "model.safetensors", lambda: hf_tensors(ranks, config, torch_dtype))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        head = _reward_head(ranks)
+        if head is not None:
+            from safetensors.torch import save_file
 
-                save_file(head, str(tmp / "reward_head.safetensors"))
-            _copy_tokenizer(root, cfg, tmp)
-            spec = SteerSpec.preset(schema)
-            if head is not None:
-                spec = SteerSpec(spec.schema, spec.template, kind="reward_model", extra={"pooling": "last"})
-            save_spec(tmp, spec)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        tmp.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            save_file(head, str(tmp / "reward_head.safetensors"))
+        _copy_tokenizer(root, cfg, tmp)
+        spec = SteerSpec.preset(schema)
+        if head is not None:
+            spec = SteerSpec(spec.schema, spec.template, kind="reward_model", extra={"pooling": "last"})
+        save_spec(tmp, spec)
     return output_dir
 
 

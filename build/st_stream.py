@@ -65,7 +65,6 @@ class StreamingWriter:
             nbytes = math.prod(shape) * _itemsize(dtype)
             header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
-        self.data_bytes = offset
         raw = json.dumps(header, separators=(",", ":")).encode()
         # Pad the header with spaces so tensor data starts 8-byte aligned, as the reference writer does.
         raw += b" " * (-len(raw) % 8)
@@ -138,9 +137,6 @@ class CheckpointReader:
                 f"{self.model_dir}: no model.safetensors or model.safetensors.index.json "
                 "(convert .bin checkpoints with save_pretrained(safe_serialization=True) first)"
             )
-
-    def names(self) -> list[str]:
-        return list(self._files)
 
     def __contains__(self, name: str) -> bool:
         return name in self._files

@@ -18,7 +18,6 @@ import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 
 
 class FormatError(ValueError):
@@ -29,7 +28,6 @@ class FormatError(ValueError):
 class LlamaDims:
     """What the conversion needs from a Hugging Face Llama config.json."""
 
-    architecture: str
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -42,7 +40,6 @@ class LlamaDims:
     rotary_base: float
     rotary_scaling: dict | None
     tie_word_embeddings: bool
-    hidden_act: str
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping) -> "LlamaDims":
@@ -62,7 +59,6 @@ class LlamaDims:
             {"type": rope_type, **rope} if rope_type != "default" else None
         )
         return cls(
-            architecture="LlamaForCausalLM",
             hidden_size=int(cfg["hidden_size"]),
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=heads,
@@ -75,7 +71,6 @@ class LlamaDims:
             rotary_base=theta,
             rotary_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            hidden_act="silu",
         )
 
     @classmethod
@@ -104,9 +99,9 @@ def check_tp(dims: LlamaDims, tp_size: int) -> None:
         raise FormatError(f"--tp_size {tp_size}: intermediate_size={dims.intermediate_size} is not divisible by it")
 
 
-def kv_heads_per_rank(dims: LlamaDims, tp_size: int) -> int:
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
     """KV heads each rank holds; when there are fewer KV heads than ranks each is duplicated."""
-    return max(dims.num_kv_heads // tp_size, 1)
+    return max(num_kv_heads // tp_size, 1)
 
 
 def padded_vocab(vocab_size: int, tp_size: int) -> int:
@@ -116,7 +111,7 @@ def padded_vocab(vocab_size: int, tp_size: int) -> int:
 def trtllm_config(dims: LlamaDims, tp_size: int, dtype: str, fp8: bool) -> dict:
     """config.json of the TensorRT-LLM checkpoint; `dtype` is the activation dtype (float16 for FP8)."""
     return {
-        "architecture": dims.architecture,
+        "architecture": "LlamaForCausalLM",
         "dtype": dtype,
         "logits_dtype": "float32",
         "vocab_size": dims.vocab_size,
@@ -127,7 +122,7 @@ def trtllm_config(dims: LlamaDims, tp_size: int, dtype: str, fp8: bool) -> dict:
         "num_key_value_heads": dims.num_kv_heads,
         "head_size": dims.head_size,
         "intermediate_size": dims.intermediate_size,
-        "hidden_act": dims.hidden_act,
+        "hidden_act": "silu",
         "norm_epsilon": dims.norm_epsilon,
         "position_embedding_type": "rope_gpt_neox",
         "rotary_base": dims.rotary_base,
@@ -227,7 +222,7 @@ def rank_units(
         ]
 
     yield replicated("transformer.vocab_embedding.weight", get("model.embed_tokens.weight"))
-    kv_local = kv_heads_per_rank(dims, tp_size)
+    kv_local = kv_heads_per_rank(dims.num_kv_heads, tp_size)
     for i in range(dims.num_layers):
         hf, trt = f"model.layers.{i}", f"transformer.layers.{i}"
         yield replicated(f"{trt}.input_layernorm.weight", get(f"{hf}.input_layernorm.weight"))

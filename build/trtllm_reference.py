@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from trtllm_ckpt import DTYPES, FP8_MAX, FormatError, load_config
+from trtllm_ckpt import DTYPES, FormatError, kv_heads_per_rank, load_config, quantize_fp8
 
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    return quantize_fp8(x, scale).float() * scale
 
 
 class TrtllmReference:
@@ -31,7 +31,6 @@ class TrtllmReference:
         if mapping.get("pp_size", 1) != 1:
             raise FormatError("pipeline-parallel checkpoints are not supported by the reference forward")
         self.tp = int(mapping["tp_size"])
-        self.fp8 = (cfg.get("quantization") or {}).get("quant_algo") == "FP8"
         self.fp8_kv = (cfg.get("quantization") or {}).get("kv_cache_quant_algo") == "FP8"
         self.act_dtype = DTYPES[cfg["dtype"]]
         self.ranks = []
@@ -80,7 +79,7 @@ class TrtllmReference:
         qkv = self._linear(rank, f"{prefix}.qkv", h)
         d = self.head_size
         q_local = self.heads // self.tp
-        kv_local = max(self.kv_heads // self.tp, 1)
+        kv_local = kv_heads_per_rank(self.kv_heads, self.tp)
         if qkv.shape[-1] != (q_local + 2 * kv_local) * d:
             raise FormatError(f"rank{rank} {prefix}.qkv has {qkv.shape[-1]} rows, expected {(q_local + 2 * kv_local) * d}")
         q, k, v = qkv.split([q_local * d, kv_local * d, kv_local * d], -1)

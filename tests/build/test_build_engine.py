@@ -72,10 +72,9 @@ def test_kv_head_count_decides_the_allowed_tp_sizes():
         check_tp(dims, 2)
 
 
-@pytest.mark.parametrize("gpu, dtype, gemm", [("a100", "float16", "auto"), ("h100", "bfloat16", "auto"),
-                                              ("h100", "fp8", "disable")])
-def test_trtllm_build_flags_per_gpu_and_dtype(gpu, dtype, gemm):
-    args = BuildPlan(gpu, dtype, 2).trtllm_build_args(Path("ck"), Path("eng"))
+@pytest.mark.parametrize("dtype, gemm", [("float16", "auto"), ("bfloat16", "auto"), ("fp8", "disable")])
+def test_trtllm_build_flags_per_dtype(dtype, gemm):
+    args = BuildPlan(dtype, 2).trtllm_build_args(Path("ck"), Path("eng"))
     flags = dict(zip(args[1::2], args[2::2]))
     assert flags["--gemm_plugin"] == gemm
     assert flags["--use_paged_context_fmha"] == "enable" and flags["--paged_kv_cache"] == "enable"
