@@ -51,12 +51,16 @@ class _Seq:
     def __init__(self, req: GenerationRequest) -> None:
         self.req = req
         self.tokens: list[int] = []
-        self.length = len(req.prompt_ids)  # positions in the KV cache
         self.gen: torch.Generator | None = None
         if not req.params.greedy:
             self.gen = torch.Generator().manual_seed(
                 req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             )
+
+    @property
+    def length(self) -> int:
+        """Positions in the KV cache: the prompt and every generated token but the newest (not yet fed back)."""
+        return len(self.req.prompt_ids) + len(self.tokens) - 1
 
     def banned(self) -> list[int]:
         """Last tokens of bad words whose other tokens were just generated."""
@@ -140,7 +144,9 @@ class Engine:
         self._thread.join()
 
     # -- loop -----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def _loop(self) -> None:
+        # Grad mode is per thread, so this thread (where all model calls run) sets it for itself.
         while True:
             try:
                 # Block only when idle; otherwise take whatever arrived since the last step.
@@ -154,8 +160,7 @@ class Engine:
                 pass
             if self._rows:
                 try:
-                    with torch.inference_mode():
-                        self._step()
+                    self._step()
                 except Exception as exc:  # a failed step must not take the server down
                     log.exception("decode step failed")
                     self._fail_all(f"generation failed: {exc}")
@@ -173,9 +178,8 @@ class Engine:
                 raise ValueError(f"input length {len(req.prompt_ids)} + request_output_len "
                                  f"{req.params.max_tokens} exceeds the model's {self.max_positions} positions")
             seq = _Seq(req)
-            with torch.inference_mode():
-                ids = torch.tensor([req.prompt_ids], device=self.device)
-                out = self.model(input_ids=ids, use_cache=True)
+            ids = torch.tensor([req.prompt_ids], device=self.device)
+            out = self.model(input_ids=ids, use_cache=True)
             cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
             if self._advance(seq, out.logits[0, -1]):
                 self._join(seq, cache)
@@ -258,7 +262,6 @@ class Engine:
         self._cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         keep = []
         for i, seq in enumerate(self._rows):
-            seq.length += 1
             if self._advance(seq, out.logits[i, -1]):
                 keep.append(i)
         if len(keep) < rows:

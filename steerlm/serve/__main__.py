@@ -14,7 +14,7 @@ import click
 
 from steerlm.serve.launch import engine_world_size, trtllm_command
 from steerlm.serve.repository import RenderError, render_repository
-from steerlm.serve.triton import Ports, ServerError, TritonServer, server_env, shell_line
+from steerlm.serve.triton import ServerError, TritonServer, server_env, shell_line
 
 
 def _run_paths(repo_dir: str | None) -> tuple[Path, Path | None]:
@@ -96,9 +96,9 @@ def main(model_dir, reward_model_dir, backend, engine_dir, tp, http_port, grpc_p
             _run_foreground(cmd)
         return
 
-    ports = Ports.pick(http_port, grpc_port, metrics_port)
-    server = TritonServer(repo_dir=repo, workdir=workdir or repo.parent, http_port=ports.http,
-                          grpc_port=ports.grpc, metrics_port=ports.metrics, timeout=timeout)
+    # Ports given as 0 are picked by TritonServer, which picks again should one be taken before it binds.
+    server = TritonServer(repo_dir=repo, workdir=workdir or repo.parent, http_port=http_port,
+                          grpc_port=grpc_port, metrics_port=metrics_port, timeout=timeout)
     if dry_run:
         click.echo("server command (run it from any shell):\n  " + shell_line(server.command()))
         return

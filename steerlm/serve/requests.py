@@ -91,6 +91,7 @@ class RequestBuilder:
         self.pad_id = int(pad) if pad is not None else self.end_id
         # Extra end ids (a list eos_token_id) become stop words; the C++ backend takes a single end_id.
         self.model_stop_words = list(template.stop_strings) + [self.tok.id_to_token(e) for e in eos_ids[1:]]
+        self.model_stop_ids = [self._encode_word(w) for w in self.model_stop_words]
         # In text, the template's separator before a stop string belongs to no answer.
         self.model_stop_strings = answer_stop_strings(self.model_stop_words, template.answer_end)
 
@@ -98,8 +99,8 @@ class RequestBuilder:
         # Stop/bad words are not prompt content, so a control string given here means the control token.
         return self.tok.encode(word, add_special_tokens=False).ids
 
-    def _words(self, words: Sequence[str], extra: Sequence[str] = ()) -> list[list[int]]:
-        out: list[list[int]] = [self._encode_word(w) for w in extra]
+    def _words(self, words: Sequence[str], extra: Sequence[list[int]] = ()) -> list[list[int]]:
+        out: list[list[int]] = [list(w) for w in extra]
         for w in words:
             if not w:
                 continue  # stock tensorrtllm_backend clients send "" for "no words"
@@ -156,7 +157,7 @@ class RequestBuilder:
             max_tokens=max_tokens,
             end_id=end_id,
             pad_id=self.pad_id if pad_id is None else int(pad_id),
-            stop_words=self._words(stop_words, extra=self.model_stop_words),
+            stop_words=self._words(stop_words, extra=self.model_stop_ids),
             bad_words=self._words(bad_words),
             stop_strings=self.model_stop_strings + [w for w in stop_words if w],
         )

@@ -25,6 +25,10 @@ def _text_tensor(name, text):
     return pb_utils.Tensor(name, np.array([[data]], dtype=np.object_))
 
 
+def _response(text, prompt):
+    return pb_utils.InferenceResponse(output_tensors=[_text_tensor("OUTPUT", text), _text_tensor("OUT_PROMPT", prompt)])
+
+
 def _scalar(request, name, default=None):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
@@ -75,17 +79,12 @@ class TritonPythonModel:
             if not stream:
                 pieces.append(piece)
             elif piece or first:
-                sender.send(pb_utils.InferenceResponse(
-                    output_tensors=[_text_tensor("OUTPUT", piece), _text_tensor("OUT_PROMPT", prompt if first else b"")]))
+                sender.send(_response(piece, prompt if first else b""))
                 first = False
         tail = text.finish()
         if not stream:
-            sender.send(pb_utils.InferenceResponse(
-                output_tensors=[_text_tensor("OUTPUT", "".join(pieces) + tail), _text_tensor("OUT_PROMPT", prompt)]),
-                flags=FINAL)
+            sender.send(_response("".join(pieces) + tail, prompt), flags=FINAL)
         elif tail or first:
-            sender.send(pb_utils.InferenceResponse(
-                output_tensors=[_text_tensor("OUTPUT", tail), _text_tensor("OUT_PROMPT", prompt if first else b"")]),
-                flags=FINAL)
+            sender.send(_response(tail, prompt if first else b""), flags=FINAL)
         else:
             sender.send(flags=FINAL)

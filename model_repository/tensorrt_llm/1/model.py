@@ -8,7 +8,6 @@ stream's responses carry only the new tokens and the prompt is not repeated unle
 import json
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from steerlm.generation import Engine, GenerationRequest, SamplingParams
@@ -38,7 +37,6 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
-        torch.set_grad_enabled(False)
         self.engine = Engine(params["hf_model_dir"], max_batch_size=int(params.get("max_batch_size", 8)))
 
     def execute(self, requests):
