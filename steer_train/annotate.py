@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from steer_train.data import Conversation, load_jsonl
+from steer_train.data import Conversation, jsonl_line, load_jsonl
 from steerlm.schema import AttributeSchema
 from steerlm.template import Turn
 
@@ -106,7 +106,7 @@ def annotate(
             labels = iter(schema.encode(schema.from_scores(row)) for row in scores)
             for c in chunk:
                 turns = tuple(Turn(t.question, t.answer, next(labels)) for t in c.turns)
-                f.write(json.dumps(Conversation(c.id, turns, c.system).to_json(), ensure_ascii=False) + "\n")
+                f.write(jsonl_line(Conversation(c.id, turns, c.system)))
             f.flush()
             os.fsync(f.fileno())
             n_turns += len(items)

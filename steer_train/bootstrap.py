@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from steer_train.data import Conversation, load_jsonl, write_jsonl
+from steer_train.files import write_atomic
 from steer_train.sample import generate, load_generator
 from steer_train.sft import SFTConfig, train
 from steerlm.reward import load_reward_model
@@ -71,8 +72,7 @@ def bootstrap(
     ]
     data = out / "bootstrap.jsonl"
     write_jsonl(data, labelled)
-    (out / "bootstrap_attributes.jsonl").write_text(
-        "".join(json.dumps({"id": j[0], "sampled_with": j[4]}) + "\n" for j, _ in kept)
-    )
+    write_atomic(out / "bootstrap_attributes.jsonl",
+                 "".join(json.dumps({"id": j[0], "sampled_with": j[4]}) + "\n" for j, _ in kept))
     print(f"wrote {len(labelled)} re-labelled conversations to {data} ({len(jobs) - len(kept)} empty responses dropped)")
     return train(replace(sft, data=str(data)))

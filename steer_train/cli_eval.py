@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from steer_train.eval_report import rm_table, write_atomic, write_json
+from steer_train.eval_report import rm_table
+from steer_train.files import write_atomic, write_json
 
 
 def _echo(msg: str) -> None:

@@ -96,6 +96,17 @@ def cosine_factor(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def on_gpu_unless_set(flag: bool | None, d: Dist) -> bool:
+    """A TrainConfig switch left at None (bf16, grad_ckpt) is on exactly when training runs on a GPU."""
+    return d.device.type == "cuda" if flag is None else flag
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch; it depends only on seed and epoch, so a resumed or multi-process run
+    takes the same steps."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
 def autocast(d: Dist, bf16: bool) -> contextlib.AbstractContextManager:
     return torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 

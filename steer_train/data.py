@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+from steer_train.files import write_atomic
 from steerlm.schema import AttributeSchema, SchemaError
 from steerlm.template import DEFAULT_SYSTEM, Turn
 
@@ -45,10 +46,14 @@ class Conversation:
         return {"id": self.id, "system": system, "mask": "User", "type": "VALUE_TO_TEXT", "conversations": conv}
 
 
+def partial_labels(schema: AttributeSchema, values: Mapping[str, int]) -> str:
+    """Label string of the present attributes only, in schema order (`AttributeSchema.encode` fills defaults)."""
+    return ",".join(f"{n}:{values[n]}" for n in schema.names if n in values)
+
+
 def canonical_labels(schema: AttributeSchema, text: str | None) -> str:
     """Validate a (possibly partial) label string and write it in schema order, present attributes only."""
-    values = schema.parse(text or "")
-    return ",".join(f"{n}:{values[n]}" for n in schema.names if n in values)
+    return partial_labels(schema, schema.parse(text or ""))
 
 
 def conversation_from_json(obj: object, schema: AttributeSchema, fallback_id: str) -> Conversation:
@@ -144,7 +149,7 @@ def helpsteer_conversation(row: object, schema: AttributeSchema, cid: str) -> Co
             raise DataError(f"field {name!r}: {raw!r} is not an integer in {attr.min}..{attr.max}") from None
     history, question = _split_helpsteer2_prompt(row["prompt"])
     turns = [Turn(q, a, "") for q, a in history]
-    turns.append(Turn(question, row["response"], ",".join(f"{n}:{values[n]}" for n in schema.names if n in values)))
+    turns.append(Turn(question, row["response"], partial_labels(schema, values)))
     return Conversation(cid, tuple(turns))
 
 
@@ -161,7 +166,7 @@ def _oasst_labels(schema: AttributeSchema, labels: object) -> str:
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise DataError(f"labels value for {name!r} must be a number in 0..1, got {value!r}")
             values[name] = attr.min + round(value * (attr.max - attr.min))
-    return ",".join(f"{n}:{values[n]}" for n in schema.names if n in values)
+    return partial_labels(schema, values)
 
 
 def _oasst_threads(root: Mapping, children: Callable[[Mapping], Sequence[Mapping]]) -> Iterator[list[Mapping]]:
@@ -291,16 +296,14 @@ def load_jsonl(path: str | os.PathLike, schema: AttributeSchema) -> list[Convers
 
 def write_jsonl(path: str | os.PathLike, conversations: Iterable[Conversation]) -> int:
     """Write atomically (temp file + rename), so a crash never leaves a valid-looking partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for conv in conversations:
-            f.write(json.dumps(conv.to_json(), ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
+    lines = [jsonl_line(conv) for conv in conversations]
+    write_atomic(path, "".join(lines))
+    return len(lines)
+
+
+def jsonl_line(conv: Conversation) -> str:
+    """One conversation as a line of the JSONL that `load_jsonl` reads."""
+    return json.dumps(conv.to_json(), ensure_ascii=False) + "\n"
 
 
 def split(conversations: Sequence[Conversation], val_fraction: float, seed: int) -> tuple[list, list]:

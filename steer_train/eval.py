@@ -17,7 +17,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from steer_train.eval_data import Prompt
-from steer_train.eval_report import steer_plot, steer_table, write_atomic, write_json
+from steer_train.eval_report import steer_plot, steer_table
+from steer_train.files import write_atomic, write_json
 from steer_train.eval_stats import rm_quality, steerability
 from steer_train.weak_labels import word_count
 from steerlm.schema import AttributeSchema, SchemaError
@@ -163,7 +164,7 @@ def steer_eval(
         req = np.array(requested)
         summary["mean_words_by_value"] = {str(v): float(words[req == v].mean()) for v in sweep}
         summaries.append(summary)
-        for (p, v, setting), answer, row in zip(requests, answers, scores):
+        for (p, v, setting), answer, n_words, row in zip(requests, answers, words, scores):
             records.append(
                 {
                     "prompt_id": p.id,
@@ -172,7 +173,7 @@ def steer_eval(
                     "attributes": setting,
                     "question": p.question,
                     "answer": answer,
-                    "words": word_count(answer),
+                    "words": int(n_words),
                     "scores": dict(zip(rm_names, map(float, row))),
                 }
             )
@@ -230,11 +231,10 @@ def rm_eval(scorer: Scorer, conversations: Sequence, batch_size: int = 8) -> dic
     convs, labels, groups = [], [], []
     for conv in conversations:
         for i, turn in enumerate(conv.turns):
-            values = schema.parse(turn.labels) if turn.labels else {}
+            values = schema.parse(turn.labels)
             if not values:
                 continue
-            history = [Turn(t.question, t.answer, "") for t in conv.turns[: i + 1]]
-            convs.append((history, conv.system))
+            convs.append((list(conv.turns[: i + 1]), conv.system))
             labels.append([values.get(n, np.nan) for n in schema.names])
             groups.append(json.dumps([[t.question, t.answer] for t in conv.turns[:i]] + [turn.question]))
     if not convs:

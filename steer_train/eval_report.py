@@ -1,32 +1,12 @@
-"""Evaluation outputs: JSON, a Markdown table and a PNG, each written to a temporary file and renamed."""
+"""Evaluation outputs: Markdown tables and the steerability PNG (JSON and text go through `steer_train.files`)."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from steer_train.eval_stats import fmt
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def steer_table(summaries: Sequence[Mapping]) -> str:

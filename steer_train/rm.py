@@ -8,7 +8,6 @@ per attribute and -100 where the attribute was not rated.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,10 +18,11 @@ import numpy as np
 import torch
 
 from steer_train.common import (
-    Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, init_dist,
-    plot_losses, seed_all, TrainConfig,
+    Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, epoch_order, init_dist,
+    on_gpu_unless_set, plot_losses, seed_all, TrainConfig,
 )
 from steer_train.data import Conversation, load_jsonl
+from steer_train.files import write_json
 from steerlm.reward import RewardModel, RewardScorer, default_pooling, pad_batch, save_reward_model
 from steerlm.spec import SteerSpec
 
@@ -109,8 +109,9 @@ def train(cfg: RMConfig) -> Path:
     steps_per_epoch = max(1, len(encoded) // global_batch)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    bf16 = d.device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    if cfg.grad_ckpt if cfg.grad_ckpt is not None else d.device.type == "cuda":
+    bf16 = on_gpu_unless_set(cfg.bf16, d)
+    grad_ckpt = on_gpu_unless_set(cfg.grad_ckpt, d)
+    if grad_ckpt:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head_lr = cfg.head_lr if cfg.head_lr is not None else cfg.lr * 10
     opt = torch.optim.AdamW(
@@ -130,7 +131,7 @@ def train(cfg: RMConfig) -> Path:
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
-            order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+            order = epoch_order(len(encoded), cfg.seed, epoch)
             order_epoch = epoch
         picked = [order[(k * global_batch + i) % len(order)] for i in range(global_batch)]
         n_labels = int((targets[picked] != MISSING).sum())
@@ -162,7 +163,7 @@ def train(cfg: RMConfig) -> Path:
 
     if d.main:
         model.eval()
-        if cfg.grad_ckpt if cfg.grad_ckpt is not None else d.device.type == "cuda":
+        if grad_ckpt:
             backbone.gradient_checkpointing_disable()
         report = held_out_report(scorer, val_rows, cfg.batch_size)
         if report:
@@ -170,7 +171,7 @@ def train(cfg: RMConfig) -> Path:
             metrics.log(step=total, held_out=report)
         model.to("cpu")
         save_reward_model(out, model, hf_tok, spec, cfg.max_length)
-        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out / "eval.json", report)
         plot_losses(out / "metrics.jsonl", out / "loss.png", f"reward model {Path(cfg.data).name}")
         print(f"wrote reward model to {out} (pooling {pooling}; eval.json, metrics.jsonl, loss.png)")
     barrier(d)

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from steer_train.common import (
-    Dist, Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, init_dist,
-    load_latest, plot_losses, rng_state, save_checkpoint, save_generator, seed_all, set_rng_state, TrainConfig,
+    Dist, Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, epoch_order, init_dist,
+    load_latest, on_gpu_unless_set, plot_losses, rng_state, save_checkpoint, save_generator, seed_all, set_rng_state,
+    TrainConfig,
 )
 from steer_train.data import Conversation, load_jsonl
 from steerlm.template import PromptTemplate, Segment, Turn
@@ -220,8 +221,9 @@ def train(cfg: SFTConfig) -> Path:
         )
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
 
-    bf16 = d.device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    if cfg.grad_ckpt if cfg.grad_ckpt is not None else d.device.type == "cuda":
+    bf16 = on_gpu_unless_set(cfg.bf16, d)
+    grad_ckpt = on_gpu_unless_set(cfg.grad_ckpt, d)
+    if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -253,7 +255,7 @@ def train(cfg: SFTConfig) -> Path:
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != order_epoch:  # the block order of an epoch depends only on seed and epoch
-            order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+            order = epoch_order(len(blocks), cfg.seed, epoch)
             order_epoch = epoch
         step_blocks = [blocks[i] for i in order[k * global_batch : (k + 1) * global_batch]]
         n_tokens = n_loss_tokens(step_blocks)
@@ -303,7 +305,7 @@ def train(cfg: SFTConfig) -> Path:
         _eval_and_log(model, val_blocks, cfg, pad_id, d, bf16, metrics, total)
     if d.main:
         model.to("cpu")
-        if cfg.grad_ckpt if cfg.grad_ckpt is not None else d.device.type == "cuda":
+        if grad_ckpt:
             model.gradient_checkpointing_disable()
         save_generator(out, model, hf_tok, spec)
         plot_losses(out / "metrics.jsonl", out / "loss.png", f"SFT {Path(cfg.data).name}")
