@@ -45,9 +45,9 @@ _BREAK = re.compile(r"(?<=[.!?:,;])\s+|\n+")
 
 
 def openings(answer: str, rng: random.Random, max_words: int = MAX_ANSWER_WORDS) -> dict[int, str]:
-    """verbosity level -> one opening of `answer` at that level: a prefix ending at a sentence, clause
-    (, or ;) or line end, at most `max_words` words, chosen at random (seeded) among the prefixes whose length falls in the level's
-    word range. Levels no prefix falls in are absent."""
+    """verbosity level -> one opening of `answer` at that level: a prefix ending at a sentence, clause (`,` `;`)
+    or line end, at most `max_words` words, chosen at random (seeded) among the prefixes whose length falls in
+    the level's word range. Levels no prefix falls in are absent."""
     ends = [m.start() for m in _BREAK.finditer(answer)] + [len(answer)]
     by_level: dict[int, list[str]] = {}
     for prefix in dict.fromkeys(answer[:i].rstrip() for i in ends):
