@@ -99,13 +99,16 @@ def rm_eval_cmd(reward_model, data, batch_size, out_dir) -> None:
 @click.option("--work-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Where every stage writes its outputs (and stamps/ records what is up to date).")
 @click.option("--force", is_flag=True, help="Run every stage again even when its outputs are up to date.")
-def demo_cmd(work_dir, force) -> None:
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the train/validation split, the openings, both model initialisations and training "
+                   "order; another seed shows how much the figures vary from run to run (use another --work-dir).")
+def demo_cmd(work_dir, force, seed) -> None:
     """The whole SteerLM method on CPU in about ten minutes: demo data with weak labels, reward model, annotation,
     attribute-conditioned SFT, TensorRT-LLM checkpoint, Triton serving, one question at two verbosity settings and
     the steerability table. Stages whose inputs did not change are skipped."""
-    from steer_train.demo import run_demo
+    from steer_train.demo import DemoConfig, run_demo
 
-    run_demo(Path(work_dir), force=force)
+    run_demo(Path(work_dir), DemoConfig(seed=seed), force=force)
 
 
 COMMANDS: list[click.Command] = [eval_cmd, rm_eval_cmd, demo_cmd]

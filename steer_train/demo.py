@@ -46,11 +46,12 @@ class DemoConfig:
     layers: int = 4
     rm_hidden_size: int = 128
     rm_layers: int = 2
-    rm_epochs: float = 40.0
+    rm_epochs: float = 20.0
     rm_lr: float = 1e-3
     # Many passes over little text: the model learns the texts by heart, and the stop the label asks for is
-    # then what is left to learn (docs/eval.md, "Measured").
-    sft_epochs: float = 50.0
+    # then what is left to learn (docs/eval.md, "Measured"). Each answer is in the data about ten times (two
+    # openings per verbosity level), so 30 epochs are about 300 passes over its text.
+    sft_epochs: float = 30.0
     sft_lr: float = 3e-3
     seq_len: int = 512
     micro_batch: int = 4
@@ -228,7 +229,7 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
     pick = lambda *names: {n: sizes[n] for n in names}  # noqa: E731 - each stage keys on its own settings only
     return [
         Stage("data", "demo data from MT-Bench + ShareGPT text, weakly labelled", [], [train, val, prompts],
-              build_data, {"version": 5, "seed": cfg.seed}),
+              build_data, {"version": 6, "seed": cfg.seed}),
         Stage("base", "tiny random Llamas + a tokenizer trained on the demo text", [train, val], [base, rm_base],
               build_bases, pick("vocab_size", "hidden_size", "layers", "rm_hidden_size", "rm_layers", "seed")),
         Stage("rm", "train the reward model (attribute prediction) on the weak labels", [rm_base, train, val], [rm],

@@ -2,11 +2,11 @@
 
 Sources (see `eval_data`):
 - MT-Bench reference answers (GPT-4; math, reasoning and coding questions), first turns only (a follow-up
-  means nothing alone). Each answer appears once per verbosity level that one of its openings reaches, cut
-  at a sentence, clause or line end to a length inside that level's word range (see `openings`): the same
-  question with the same text stopping at different points, so only the label tells the model where to stop.
+  means nothing alone). Each answer appears up to twice per verbosity level its length reaches, cut to lengths
+  inside that level's word range (see `openings`): the same question with the same text stopping at
+  different points, so only the label tells the model where to stop.
 - The ShareGPT-format conversations: 100 of their distinct exchanges as single turns (short chit-chat), cut
-  into openings the same way (their first clauses, "Hello,", "Sure,", give most of the verbosity-0 answers).
+  into openings the same way (most reach verbosity 2 at most).
 Labels: `weak_labels` (verbosity, complexity); the other attributes stay missing.
 The MT-Bench questions without a reference answer are never trained on: they are the demo's eval prompts.
 
@@ -14,7 +14,9 @@ Why this shape (docs/eval.md, "Measured", has the runs): a 128-wide model traine
 CPU-minutes ignores a label that decides only where a long, hard-to-predict text stops; the stop decision is
 too small a share of the loss. Short answers (at most MAX_ANSWER_WORDS words, so stops are frequent) over a
 small set of texts the model can learn by heart (so the rest of the loss falls away) make the label the one
-thing left to learn, and the model then follows it on questions it has never seen.
+thing left to learn, and the model then follows it on questions it has never seen. Every level of every text
+that is long enough, at two cut points each, keeps the model from tying a stop to one spot in one text
+instead of to the label and the length so far.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from steer_train.data import Conversation, split, write_jsonl
 from steer_train.eval_data import mtbench_questions, mtbench_reference_pairs, sharegpt_conversations
 from steer_train.files import write_atomic
-from steer_train.weak_labels import label_string, verbosity_label, weak_labels, word_count
+from steer_train.weak_labels import VERBOSITY_WORD_EDGES, label_string, verbosity_label, weak_labels, word_count
 from steerlm.schema import Attribute, AttributeSchema
 from steerlm.spec import SteerSpec
 from steerlm.template import Turn
@@ -39,21 +41,39 @@ DEMO_SCHEMA = AttributeSchema(
 )
 DEMO_SPEC = SteerSpec(schema=DEMO_SCHEMA)
 MAX_ANSWER_WORDS = 60
+OPENINGS_PER_LEVEL = 2
 SHAREGPT_PAIRS = 100
 
 _BREAK = re.compile(r"(?<=[.!?:,;])\s+|\n+")
 
 
-def openings(answer: str, rng: random.Random, max_words: int = MAX_ANSWER_WORDS) -> dict[int, str]:
-    """verbosity level -> one opening of `answer` at that level: a prefix ending at a sentence, clause (`,` `;`)
-    or line end, at most `max_words` words, chosen at random (seeded) among the prefixes whose length falls in
-    the level's word range. Levels no prefix falls in are absent."""
+def openings(answer: str, rng: random.Random, max_words: int = MAX_ANSWER_WORDS,
+             per_level: int = OPENINGS_PER_LEVEL) -> list[tuple[int, str]]:
+    """(verbosity level, opening) pairs: up to `per_level` distinct openings of `answer` per level, each a prefix
+    whose length falls in that level's word range (at most `max_words` words), chosen at random (seeded). A
+    prefix ending at a sentence, clause (`,` `;`) or line end is preferred; where the level's range holds none,
+    the cut falls after a random word inside the range. Levels longer than the answer (or than `max_words`) get
+    none."""
     ends = [m.start() for m in _BREAK.finditer(answer)] + [len(answer)]
-    by_level: dict[int, list[str]] = {}
+    at_breaks: dict[int, list[str]] = {}
     for prefix in dict.fromkeys(answer[:i].rstrip() for i in ends):
         if prefix and word_count(prefix) <= max_words:
-            by_level.setdefault(verbosity_label(prefix), []).append(prefix)
-    return {level: rng.choice(prefixes) for level, prefixes in sorted(by_level.items())}
+            at_breaks.setdefault(verbosity_label(prefix), []).append(prefix)
+    words = list(re.finditer(r"\S+", answer))
+    lows = (1, *VERBOSITY_WORD_EDGES)
+    highs = (*(edge - 1 for edge in VERBOSITY_WORD_EDGES), max_words)
+    out: list[tuple[int, str]] = []
+    for _ in range(per_level):
+        for level, (low, high) in enumerate(zip(lows, highs)):
+            if at_breaks.get(level):
+                text = rng.choice(at_breaks[level])
+            elif low <= min(high, len(words)):
+                text = answer[: words[rng.randint(low, min(high, len(words))) - 1].end()]
+            else:
+                continue
+            if (level, text) not in out:
+                out.append((level, text))
+    return out
 
 
 def _labelled(question: str, answer: str) -> Turn:
@@ -68,14 +88,14 @@ def demo_conversations(seed: int = 0) -> list[Conversation]:
     for n, (question, answer) in enumerate(mtbench_reference_pairs()):
         if question in follow_ups:  # a follow-up means nothing without its first turn
             continue
-        for level, text in openings(answer, rng).items():
-            convs.append(Conversation(f"mtbench-ref-{n}-v{level}", (_labelled(question, text),)))
+        for k, (level, text) in enumerate(openings(answer, rng)):
+            convs.append(Conversation(f"mtbench-ref-{n}-v{level}-{k}", (_labelled(question, text),)))
     # The ShareGPT file repeats a few dozen exchanges hundreds of times; each distinct one is kept once.
     # Evenly spaced so the sample spans the whole file, capped so that chit-chat does not swamp the references.
     pairs = list(dict.fromkeys(pair for turns in sharegpt_conversations() for pair in turns))
     for n, (question, answer) in enumerate(pairs[:: max(1, len(pairs) // SHAREGPT_PAIRS)][:SHAREGPT_PAIRS]):
-        for level, text in openings(answer, rng).items():
-            convs.append(Conversation(f"sharegpt-{n}-v{level}", (_labelled(question, text),)))
+        for k, (level, text) in enumerate(openings(answer, rng)):
+            convs.append(Conversation(f"sharegpt-{n}-v{level}-{k}", (_labelled(question, text),)))
     return convs
 
 

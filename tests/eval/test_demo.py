@@ -11,16 +11,38 @@ from steer_train.demo import Pipeline, Stage
 from steer_train.demo_data import build_demo_data, openings
 
 
-def test_openings_give_one_prefix_per_verbosity_level_cut_at_sentence_and_clause_ends():
+def test_openings_prefer_sentence_and_clause_ends_and_fill_other_levels_with_word_cuts():
     answer = "Sure, here it is. Then a longer sentence follows here with ten more words. " + "Word " * 40 + "end."
-    # Prefixes of 1 (a clause), 4 and 14 words, and the whole answer (55 words); none has 17-32 words.
-    assert openings(answer, random.Random(0)) == {
+    # Breaks give prefixes of 1 (a clause), 4 and 14 words and the whole answer (55 words); none has 17-32 words.
+    cut = dict(openings(answer, random.Random(0), per_level=1))
+    assert {level: cut[level] for level in (0, 1, 2, 4)} == {
         0: "Sure,",
         1: "Sure, here it is.",
         2: "Sure, here it is. Then a longer sentence follows here with ten more words.",
         4: answer,
     }
-    assert openings(answer, random.Random(0), max_words=20).keys() == {0, 1, 2}  # nothing over the cap
+    assert answer.startswith(cut[3]) and cut[3].endswith("Word") and 17 <= len(cut[3].split()) <= 32
+    capped = openings(answer, random.Random(0), max_words=20, per_level=1)
+    assert [level for level, _ in capped] == [0, 1, 2, 3]  # nothing over the cap
+
+
+def test_an_answer_has_openings_only_at_the_levels_its_length_reaches():
+    answer = "one two three four five six seven eight nine ten"
+    cut = openings(answer, random.Random(0), per_level=1)
+    assert [level for level, _ in cut] == [0, 1, 2]
+    (_, v0), (_, v1), (_, v2) = cut
+    assert 1 <= len(v0.split()) <= 3 and 4 <= len(v1.split()) <= 8 and v2 == answer
+    assert all(answer.startswith(text) for _, text in cut)
+
+
+def test_each_level_gets_up_to_per_level_distinct_openings():
+    answer = " ".join(f"w{i}" for i in range(80))  # no break within 60 words: every cut is a word cut
+    cut = openings(answer, random.Random(0), per_level=3)
+    assert len(cut) == len(set(cut))
+    for level, (low, high) in enumerate([(1, 3), (4, 8), (9, 16), (17, 32), (33, 60)]):
+        lengths = [len(text.split()) for lv, text in cut if lv == level]
+        assert 1 <= len(lengths) <= 3 and all(low <= n <= high for n in lengths)
+    assert sum(lv == 4 for lv, _ in cut) >= 2  # 28 lengths to choose from
 
 
 def test_demo_data_is_weakly_labelled_and_never_trains_on_the_eval_prompts(tmp_path):
