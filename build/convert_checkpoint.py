@@ -19,7 +19,7 @@ import click
 import torch
 from tqdm import tqdm
 
-from staged_dir import staged_dir
+from steerlm.files import staged_dir
 from st_stream import CheckpointReader, StreamingWriter
 from trtllm_ckpt import DTYPES, FormatError, Fp8Stats, LlamaDims, check_tp, rank_units, trtllm_config
 

@@ -32,7 +32,7 @@ import click
 import torch
 import yaml
 
-from staged_dir import staged_dir
+from steerlm.files import staged_dir
 from st_stream import StreamingWriter
 
 PRECISIONS = {"16": torch.float16, "16-mixed": torch.float16, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from steer_train.data import Conversation, load_jsonl, write_jsonl
-from steer_train.files import write_atomic
+from steerlm.files import write_atomic
 from steer_train.sample import generate, load_generator
 from steer_train.sft import SFTConfig, train
 from steerlm.reward import load_reward_model

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from steer_train.eval_report import rm_table
-from steer_train.files import write_atomic, write_json
+from steerlm.files import write_atomic, write_json
 
 
 def _echo(msg: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-from steer_train.files import write_atomic
+from steerlm.files import write_atomic
 from steerlm.schema import AttributeSchema, SchemaError
 from steerlm.template import DEFAULT_SYSTEM, Turn
 

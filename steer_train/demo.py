@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import click
 
-from steer_train.files import write_atomic, write_json
+from steerlm.files import write_atomic, write_json
 
 DEMO_QUESTION = "What are the main causes of climate change, and what can be done about them?"
 STEP_VALUES = (0, 4)  # the two verbosity settings the demo asks the question at

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from steer_train.data import Conversation, split, write_jsonl
 from steer_train.eval_data import mtbench_questions, mtbench_reference_pairs, sharegpt_conversations
-from steer_train.files import write_atomic
+from steerlm.files import write_atomic
 from steer_train.weak_labels import VERBOSITY_WORD_EDGES, label_string, verbosity_label, weak_labels, word_count
 from steerlm.schema import Attribute, AttributeSchema
 from steerlm.spec import SteerSpec

@@ -18,7 +18,7 @@ import numpy as np
 
 from steer_train.eval_data import Prompt
 from steer_train.eval_report import steer_plot, steer_table
-from steer_train.files import write_atomic, write_json
+from steerlm.files import write_atomic, write_json
 from steer_train.eval_stats import rm_quality, steerability
 from steer_train.weak_labels import word_count
 from steerlm.schema import AttributeSchema, SchemaError

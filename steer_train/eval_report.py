@@ -1,4 +1,4 @@
-"""Evaluation outputs: Markdown tables and the steerability PNG (JSON and text go through `steer_train.files`)."""
+"""Evaluation outputs: Markdown tables and the steerability PNG (JSON and text go through `steerlm.files`)."""
 
 from __future__ import annotations
 

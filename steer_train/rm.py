@@ -22,7 +22,7 @@ from steer_train.common import (
     on_gpu_unless_set, plot_losses, seed_all, TrainConfig,
 )
 from steer_train.data import Conversation, load_jsonl
-from steer_train.files import write_json
+from steerlm.files import write_json
 from steerlm.reward import RewardModel, RewardScorer, default_pooling, pad_batch, save_reward_model
 from steerlm.spec import SteerSpec
 
