@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import build_engine
 from build_engine import EXIT_BAD_REQUEST, EXIT_NO_TENSORRT_LLM, BuildPlan
-from trtllm_ckpt import FormatError, LlamaDims, check_tp
+from steerlm.convert.trtllm_ckpt import FormatError, LlamaDims, check_tp
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from .nemo_files import VOCAB_DIVISOR, write_nemo
-from nemo_to_hf import NemoError, nemo_to_hf
+from steerlm.convert.nemo import NemoError, nemo_to_hf
 
 
 def assert_same_weights(original, imported):

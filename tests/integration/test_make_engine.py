@@ -11,7 +11,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from build_engine import EXIT_BAD_REQUEST, EXIT_NO_TENSORRT_LLM
+from steerlm.convert.engine import EXIT_BAD_REQUEST, EXIT_NO_TENSORRT_LLM
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL = "pip install --extra-index-url https://pypi.nvidia.com tensorrt-llm"
