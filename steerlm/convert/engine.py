@@ -209,7 +209,14 @@ def main(model_dir, tp_size, dtype, gpu, output_dir, engine_kind, plan_only, cal
         Path("runs/engines") / f"{model_dir.resolve().name}-tp{tp_size}-{dtype}-{gpu}")
     try:
         config = read_config(model_dir)
-        p = make_plan(config, tp_size, dtype, gpu, max_batch_size, max_input_len + max_output_len, max_num_tokens)
+        max_seq_len = max_input_len + max_output_len
+        positions = int(config.get("max_position_embeddings") or max_seq_len)
+        if max_seq_len > positions:
+            # The model was trained on no longer sequences; the runtime would refuse or extrapolate RoPE.
+            click.echo(f"note: max_seq_len {max_input_len} + {max_output_len} capped at the model's "
+                       f"max_position_embeddings={positions}")
+            max_seq_len, max_input_len = positions, min(max_input_len, positions - 1)
+        p = make_plan(config, tp_size, dtype, gpu, max_batch_size, max_seq_len, max_num_tokens)
         click.echo(p.render())
         if not p.fits:
             raise FormatError(refusal(p, config))
