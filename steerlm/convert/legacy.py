@@ -39,7 +39,7 @@ def convert(
 ) -> Path:
     """Write the TensorRT-LLM checkpoint of `model_dir` to `output_dir`; returns the output path.
 
-    dtype "fp8" needs `fp8_stats` (see fp8_calib.calibrate); its non-linear tensors use `fp8_base_dtype`.
+    dtype "fp8" needs `fp8_stats` (see steerlm.convert.calibrate); its non-linear tensors use `fp8_base_dtype`.
     """
     if dtype not in DTYPE_CHOICES:
         raise FormatError(f"--dtype {dtype!r}: choose from {', '.join(DTYPE_CHOICES)}")

@@ -1,4 +1,4 @@
-"""build/st_stream.py: incrementally written safetensors files are ordinary safetensors files."""
+"""steerlm.convert.stream: incrementally written safetensors files are ordinary safetensors files."""
 
 from __future__ import annotations
 
