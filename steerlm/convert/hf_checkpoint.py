@@ -110,8 +110,9 @@ def hf_tensors(get: Callable[[str], torch.Tensor], has: Callable[[str], bool], d
                 yield f"{p}.{module}.{module[10]}_scale", _scalar(fp8.kv_scale(i))
             del w
     yield "model.norm.weight", get("model.norm.weight").to(dtype)
-    if has("lm_head.weight") and not dims.tie_word_embeddings:
-        yield "lm_head.weight", get("lm_head.weight").to(dtype)
+    if not dims.tie_word_embeddings:
+        # An untied config whose checkpoint lacks lm_head (some exports) used the embeddings: write them out.
+        yield "lm_head.weight", get("lm_head.weight" if has("lm_head.weight") else "model.embed_tokens.weight").to(dtype)
 
 
 def write_hf_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str,

@@ -162,3 +162,20 @@ def test_bf16_checkpoint_has_no_quantization_files_and_verifies(gqa_model, tmp_p
     config = json.loads((tmp_path / "config.json").read_text())
     assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
     assert verify(tmp_path, gqa_model, tp_size=2).passed
+
+
+def test_tied_embeddings_stay_tied_and_verify(gqa_model, fp8_stats, tmp_path):
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    for f in gqa_model.iterdir():
+        (tied / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(tied / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    out = tmp_path / "out"
+    out.mkdir()
+    write_hf_checkpoint(tied, out, "bfloat16", fp8_stats, progress=False)
+    assert "lm_head.weight" not in tensors_of(out)
+    assert verify(out, tied, tp_size=2).passed
