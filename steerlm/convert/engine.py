@@ -145,6 +145,9 @@ def build_legacy(model_dir: Path, out: Path, p: MemoryPlan, calibrator: str, max
                  echo=click.echo) -> int:
     """Today's streaming TP conversion, verification and trtllm-build; returns the exit status."""
     checkpoint_dir, engine_dir = out / "checkpoint", out / "engine"
+    # A record or engine left by an earlier run must not vouch for what this run builds.
+    (out / RECORD_FILE).unlink(missing_ok=True)
+    shutil.rmtree(engine_dir, ignore_errors=True)
     stats = None
     if p.dtype == "fp8":
         echo(f"[calibrate] FP8 scales with the {calibrator} calibrator ...")
@@ -168,6 +171,7 @@ def build_legacy(model_dir: Path, out: Path, p: MemoryPlan, calibrator: str, max
     result = subprocess.run(args)
     if result.returncode:
         echo(f"Error: trtllm-build exited with status {result.returncode}", err=True)
+        shutil.rmtree(engine_dir, ignore_errors=True)
         return EXIT_VERIFY_FAILED
     copy_sidecars(checkpoint_dir, engine_dir)
     # An engine runs only on the TensorRT-LLM release that built it.

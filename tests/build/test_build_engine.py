@@ -3,6 +3,7 @@ legacy engine; refusals before anything is written; nothing valid-looking left b
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import stat
@@ -110,6 +111,14 @@ def test_fp8_on_a100_is_refused_before_anything_is_written(gqa_model, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("modelopt") is not None, reason="nvidia-modelopt is installed here")
+def test_modelopt_calibrator_without_modelopt_is_refused_with_the_install_line(gqa_model, tmp_path):
+    result = run(["--model_dir", gqa_model, "--tp_size", 2, "--dtype", "fp8", "--calibrator", "modelopt",
+                  "--output_dir", tmp_path / "out"])
+    assert result.exit_code == EXIT_BAD_REQUEST
+    assert "pip install nvidia-modelopt" in result.output and not (tmp_path / "out").exists()
+
+
 def test_tp_the_heads_cannot_split_is_refused(tmp_path, gqa_model):
     result = run(["--model_dir", gqa_model, "--tp_size", 3, "--output_dir", tmp_path / "out"])
     assert result.exit_code == EXIT_BAD_REQUEST and "--tp_size 3" in result.output
@@ -184,6 +193,22 @@ def test_legacy_build_records_the_tensorrt_llm_version_it_needs(gqa_model, tmp_p
     record = json.loads((tmp_path / "out" / "steerlm_engine.json").read_text())
     assert record["format"] == "legacy-engine" and record["tensorrt_llm"] == "==1.2.1" and record["tp_size"] == 2
     assert (tmp_path / "out" / "engine" / "steerlm.json").is_file()
+
+
+def test_failed_trtllm_build_leaves_no_engine_and_no_record(gqa_model, tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "trtllm-build"
+    fake.parent.mkdir()
+    # A trtllm-build that dies half way: it has started the engine directory.
+    fake.write_text("#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --output_dir ] && mkdir -p \"$2\"; shift; done\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "steerlm_engine.json").write_text('{"format": "legacy-engine"}')  # from an earlier run
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    result = run(["--model_dir", gqa_model, "--tp_size", 1, "--dtype", "float16", "--gpu", "a100-80",
+                  "--engine", "legacy", "--output_dir", out], monkeypatch, trtllm=True)
+    assert result.exit_code == EXIT_VERIFY_FAILED, result.output
+    assert not (out / "engine").exists() and not (out / "steerlm_engine.json").exists()
 
 
 def test_make_engine_legacy_without_tensorrt_llm_stops_with_a_clear_message(gqa_model, tmp_path):
