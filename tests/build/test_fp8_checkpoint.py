@@ -11,7 +11,8 @@ What the loaders read (upstream files these tests pin):
   `ModelOptQuantConfigBase.from_config` reads {"quantization": {...}} (hf_quant_config.json) or the config.json
   form {"quant_method": "modelopt", "quant_algo", "kv_cache_scheme": {"type": "float", "num_bits": 8}, "ignore"};
   `ModelOptFp8LinearMethod` creates float8_e4m3fn `weight` and per-tensor `weight_scale`/`input_scale`, and
-  requantizes fused shards to the max scale; vllm/model_executor/model_loader/weight_utils.py
+  requantizes fused shards to the max scale; vllm/model_executor/parameter.py `_is_1d_and_scalar` loads a
+  0-dim checkpoint scale into a 1-element parameter; vllm/model_executor/model_loader/weight_utils.py
   `maybe_remap_kv_scale_name` maps ModelOpt's `.self_attn.k_proj.k_scale` / `.self_attn.v_proj.v_scale`.
 - NVIDIA/Model-Optimizer modelopt/torch/export/convert_hf_config.py `convert_hf_quant_config_format`: the
   config.json `quantization_config` for FP8 (config_groups, ignore, quant_algo, kv_cache_scheme, quant_method).
