@@ -38,14 +38,16 @@ class TrainConfig:
     grad_ckpt: bool | None = setting(None, "Gradient checkpointing (default: on GPU only).")
     device: str | None = setting(None, "cpu or cuda (default: cuda when available).")
     progress: bool = setting(True, "Progress bar.")
+    save_every: int = setting(0, "Also checkpoint every N optimizer steps and at the last (0: by time only).")
+    save_minutes: float = setting(30.0, "Checkpoint when this many minutes have passed since the last one, so a "
+                                        "killed run resumes from there (0: off).")
+    keep: int = setting(2, "Checkpoints kept (0: all).")
 
 
 @dataclass(kw_only=True)
 class SFTConfig(TrainConfig):
     seq_len: int = setting(1024, "Packed block length in tokens.")
     micro_batch: int = setting(1, "Packed blocks per micro batch and process.")
-    save_every: int = setting(0, "Checkpoint every N steps (0: never).")
-    keep: int = setting(2, "Checkpoints kept.")
     eval_every: int = setting(0, "Validation loss every N steps (and at the end).")
 
 

@@ -308,7 +308,8 @@ def jsonl_line(conv: Conversation) -> str:
 
 def split(conversations: Sequence[Conversation], val_fraction: float, seed: int) -> tuple[list, list]:
     """Seeded train/validation split; conversations that share a first question stay on the same side,
-    so threads of one OpenAssistant tree never leak between train and validation."""
+    so threads of one OpenAssistant tree never leak between train and validation. A split that is asked for
+    gets at least one prompt on each side when there are two prompts or more."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     groups: dict[str, list[Conversation]] = {}
@@ -317,6 +318,20 @@ def split(conversations: Sequence[Conversation], val_fraction: float, seed: int)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     n_val = round(len(keys) * val_fraction)
+    if val_fraction > 0 and len(keys) > 1:
+        n_val = min(max(n_val, 1), len(keys) - 1)
     val = [c for k in keys[:n_val] for c in groups[k]]
     train = [c for k in keys[n_val:] for c in groups[k]]
     return train, val
+
+
+def split_warning(n_train: int, n_val: int, val_fraction: float) -> str | None:
+    """A sentence when the validation share of conversations is far (off by half or more) from the request;
+    prompts are split whole, so few prompts or many answers per prompt move the share."""
+    if val_fraction <= 0:
+        return None
+    share = n_val / max(n_train + n_val, 1)
+    if abs(share - val_fraction) < val_fraction / 2:
+        return None
+    return (f"validation holds {n_val} of {n_train + n_val} conversations ({share:.1%}), not the {val_fraction:.1%} "
+            "asked for: the split keeps all answers to one prompt on one side, and this data has few prompts")

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from steer_train.checkpoint import SaveSchedule, load_latest, rng_state, save_checkpoint, set_rng_state
 from steer_train.config import RMConfig
 from steer_train.loop import all_sum, autocast, barrier, cosine_factor, epoch_order, init_dist, on_gpu_unless_set, seed_all
 from steer_train.metrics import Metrics, plot_losses
@@ -112,14 +113,25 @@ def train(cfg: RMConfig) -> Path:
     )
     warmup = min(cfg.warmup, total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total, warmup, cfg.min_lr_ratio))
+    start = 0
+    state = load_latest(out)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        if d.main:
+            print(f"resuming from {out}/checkpoints at step {start}")
     ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else model
-    metrics = Metrics(out / "metrics.jsonl", d.main, None)
-    if d.main:
+    metrics = Metrics(out / "metrics.jsonl", d.main, start if state is not None else None)
+    if d.main and state is None:
         metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, samples=len(encoded), total_steps=total, pooling=pooling)
 
-    bar = tqdm(total=total, desc="rm", disable=not (cfg.progress and d.main), dynamic_ncols=True)
+    saves = SaveSchedule(cfg.save_every, cfg.save_minutes, d)
+    bar = tqdm(total=total, initial=start, desc="rm", disable=not (cfg.progress and d.main), dynamic_ncols=True)
     order, order_epoch = [], -1
-    for step in range(total):
+    for step in range(start, total):
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
@@ -151,6 +163,12 @@ def train(cfg: RMConfig) -> Path:
         metrics.log(step=step + 1, epoch=epoch, loss=loss, lr=sched.get_last_lr()[0], tokens_per_s=tok_s)
         bar.set_postfix(mse=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
+        if saves.due(step + 1, total):
+            if d.main:
+                state = {"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "rng": rng_state()}
+                save_checkpoint(out, step + 1, state, cfg.keep)
+            barrier(d)
     bar.close()
 
     if d.main:

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from steer_train.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from steer_train.checkpoint import SaveSchedule, load_latest, rng_state, save_checkpoint, set_rng_state
 from steer_train.config import SFTConfig
 from steer_train.loop import Dist, all_sum, autocast, barrier, cosine_factor, epoch_order, init_dist, on_gpu_unless_set, seed_all
 from steer_train.metrics import Metrics, plot_losses
@@ -240,6 +240,7 @@ def train(cfg: SFTConfig) -> Path:
     if d.main and state is None:
         metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, blocks=len(blocks), total_steps=total)
 
+    saves = SaveSchedule(cfg.save_every, cfg.save_minutes, d)
     order, order_epoch = [], -1
     bar = tqdm(total=total, initial=start, desc="sft", disable=not (cfg.progress and d.main), dynamic_ncols=True)
     for step in range(start, total):
@@ -284,7 +285,7 @@ def train(cfg: SFTConfig) -> Path:
         done = step + 1
         if val_blocks and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
             _eval_and_log(model, val_blocks, cfg, pad_id, d, bf16, metrics, done)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == total):
+        if saves.due(done, total):
             if d.main:
                 state = {"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "rng": rng_state()}
