@@ -14,7 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from steer_train.checkpoint import SaveSchedule, load_latest, rng_state, save_checkpoint, set_rng_state
@@ -22,6 +21,7 @@ from steer_train.config import RMConfig
 from steer_train.loop import all_sum, autocast, barrier, cosine_factor, epoch_order, init_dist, on_gpu_unless_set, seed_all
 from steer_train.metrics import Metrics, plot_losses
 from steer_train.models import base_spec, ensure_control_tokens
+from steer_train.quality import rm_eval, rm_table
 from steer_train.data import Conversation, load_jsonl
 from steerlm.files import write_json
 from steerlm.reward import RewardModel, RewardScorer, default_pooling, pad_batch, save_reward_model
@@ -46,31 +46,6 @@ def masked_mse_sum(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - target).pow(2) * present).sum()
 
 
-def held_out_report(scorer: RewardScorer, rows: list, batch_size: int) -> dict[str, dict]:
-    """Per attribute: number of rated rows, mean absolute error and Pearson r of the raw predictions."""
-    if not rows:
-        return {}
-    pred = scorer.score([r[0] for r in rows], [r[1] for r in rows], batch_size=batch_size)
-    target = np.array([r[2] for r in rows], dtype=np.float32)
-    report = {}
-    for j, name in enumerate(scorer.spec.schema.names):
-        present = target[:, j] != MISSING
-        if not present.any():
-            continue
-        p, t = pred[present, j], target[present, j]
-        r = float(np.corrcoef(p, t)[0, 1]) if present.sum() > 1 and p.std() > 0 and t.std() > 0 else None
-        report[name] = {"n": int(present.sum()), "mae": float(np.abs(p - t).mean()), "pearson_r": r}
-    return report
-
-
-def format_report(report: dict[str, dict]) -> str:
-    lines = [f"{'attribute':<14}{'n':>7}{'MAE':>9}{'Pearson r':>11}"]
-    for name, m in report.items():
-        r = "n/a" if m["pearson_r"] is None else f"{m['pearson_r']:.3f}"
-        lines.append(f"{name:<14}{m['n']:>7}{m['mae']:>9.3f}{r:>11}")
-    return "\n".join(lines)
-
-
 def train(cfg: RMConfig) -> Path:
     """Train the reward model, write the checkpoint (steerlm.reward layout) and eval.json to cfg.out."""
     from torch.nn.parallel import DistributedDataParallel
@@ -91,7 +66,7 @@ def train(cfg: RMConfig) -> Path:
     model.train()
 
     train_rows = samples(load_jsonl(cfg.data, spec.schema), spec)
-    val_rows = samples(load_jsonl(cfg.val_data, spec.schema), spec) if cfg.val_data else []
+    val_convs = load_jsonl(cfg.val_data, spec.schema) if cfg.val_data else []
     if not train_rows:
         raise ValueError(f"{cfg.data}: no assistant turn carries a label; annotate or prepare labelled data first")
     encoded = [scorer.encode(turns, system) for turns, system, _ in train_rows]
@@ -175,9 +150,11 @@ def train(cfg: RMConfig) -> Path:
         model.eval()
         if grad_ckpt:
             backbone.gradient_checkpointing_disable()
-        report = held_out_report(scorer, val_rows, cfg.batch_size)
+        # The same metrics `python -m steer_eval rm-eval` reports; attributes nobody rated are left out.
+        report = rm_eval(scorer, spec.schema, val_convs, cfg.batch_size) if samples(val_convs, spec) else {}
+        report = {name: m for name, m in report.items() if m["n"]}
         if report:
-            print(format_report(report))
+            print(rm_table(report))
             metrics.log(step=total, held_out=report)
         model.to("cpu")
         save_reward_model(out, model, hf_tok, spec, cfg.max_length)

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from steer_train.demo import Pipeline, Stage
-from steer_train.demo_data import build_demo_data, openings
+from steer_eval.demo import Pipeline, Stage
+from steer_eval.demo_data import build_demo_data, openings
 
 
 def test_openings_prefer_sentence_and_clause_ends_and_fill_other_levels_with_word_cuts():

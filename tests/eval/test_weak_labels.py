@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from steer_train.weak_labels import complexity_label, label_string, readability_index, verbosity_label, weak_labels
+from steer_eval.weak_labels import complexity_label, label_string, readability_index, verbosity_label, weak_labels
 
 
 @pytest.mark.parametrize(

