@@ -280,10 +280,12 @@ def serve_ask_eval(work: Path, sft: Path, rm: Path, prompts: Path, cfg: DemoConf
 
 
 def print_answers(work: Path) -> None:
+    from steer_eval.demo_data import DEMO_SCHEMA
+
     asked = json.loads((work / "ask.json").read_text())
     click.echo(f"\nQuestion: {asked['question']}")
     for a in asked["answers"]:
-        label = ",".join(f"{k}:{v}" for k, v in a["attributes"].items())
+        label = DEMO_SCHEMA.encode(a["attributes"], partial=True)
         click.echo(f"\n--- {label} ({len(a['answer'].split())} words) ---\n{a['answer']}")
     click.echo("")
 

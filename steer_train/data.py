@@ -46,14 +46,9 @@ class Conversation:
         return {"id": self.id, "system": system, "mask": "User", "type": "VALUE_TO_TEXT", "conversations": conv}
 
 
-def partial_labels(schema: AttributeSchema, values: Mapping[str, int]) -> str:
-    """Label string of the present attributes only, in schema order (`AttributeSchema.encode` fills defaults)."""
-    return ",".join(f"{n}:{values[n]}" for n in schema.names if n in values)
-
-
 def canonical_labels(schema: AttributeSchema, text: str | None) -> str:
     """Validate a (possibly partial) label string and write it in schema order, present attributes only."""
-    return partial_labels(schema, schema.parse(text or ""))
+    return schema.encode(schema.parse(text or ""), partial=True)
 
 
 def conversation_from_json(obj: object, schema: AttributeSchema, fallback_id: str) -> Conversation:
@@ -149,7 +144,7 @@ def helpsteer_conversation(row: object, schema: AttributeSchema, cid: str) -> Co
             raise DataError(f"field {name!r}: {raw!r} is not an integer in {attr.min}..{attr.max}") from None
     history, question = _split_helpsteer2_prompt(row["prompt"])
     turns = [Turn(q, a, "") for q, a in history]
-    turns.append(Turn(question, row["response"], partial_labels(schema, values)))
+    turns.append(Turn(question, row["response"], schema.encode(values, partial=True)))
     return Conversation(cid, tuple(turns))
 
 
@@ -166,7 +161,7 @@ def _oasst_labels(schema: AttributeSchema, labels: object) -> str:
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise DataError(f"labels value for {name!r} must be a number in 0..1, got {value!r}")
             values[name] = attr.min + round(value * (attr.max - attr.min))
-    return partial_labels(schema, values)
+    return schema.encode(values, partial=True)
 
 
 def _oasst_threads(root: Mapping, children: Callable[[Mapping], Sequence[Mapping]]) -> Iterator[list[Mapping]]:
