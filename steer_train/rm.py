@@ -18,11 +18,20 @@ import torch
 
 from steer_train.checkpoint import SaveSchedule, load_latest, rng_state, save_checkpoint, set_rng_state
 from steer_train.config import RMConfig
-from steer_train.loop import all_sum, autocast, barrier, cosine_factor, epoch_order, init_dist, on_gpu_unless_set, seed_all
+from steer_train.data import Conversation, load_jsonl
+from steer_train.loop import (
+    all_sum,
+    autocast,
+    barrier,
+    cosine_factor,
+    epoch_order,
+    init_dist,
+    on_gpu_unless_set,
+    seed_all,
+)
 from steer_train.metrics import Metrics, plot_losses
 from steer_train.models import base_spec, ensure_control_tokens
 from steer_train.quality import rm_eval, rm_table
-from steer_train.data import Conversation, load_jsonl
 from steerlm.files import write_json
 from steerlm.reward import RewardModel, RewardScorer, default_pooling, pad_batch, save_reward_model
 from steerlm.spec import SteerSpec
