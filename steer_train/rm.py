@@ -10,31 +10,33 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from steer_train.common import (
-    Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, epoch_order, init_dist,
-    on_gpu_unless_set, plot_losses, seed_all, TrainConfig,
-)
+from steer_train.checkpoint import SaveSchedule, load_latest, rng_state, save_checkpoint, set_rng_state
+from steer_train.config import RMConfig
 from steer_train.data import Conversation, load_jsonl
+from steer_train.loop import (
+    all_sum,
+    autocast,
+    barrier,
+    cosine_factor,
+    epoch_order,
+    init_dist,
+    on_gpu_unless_set,
+    seed_all,
+)
+from steer_train.metrics import Metrics, plot_losses
+from steer_train.models import base_spec, ensure_control_tokens
+from steer_train.quality import rm_eval, rm_table
 from steerlm.files import write_json
 from steerlm.reward import RewardModel, RewardScorer, default_pooling, pad_batch, save_reward_model
 from steerlm.spec import SteerSpec
 
 MISSING = -100.0
-
-
-@dataclass(kw_only=True)
-class RMConfig(TrainConfig):
-    pooling: str = "auto"
-    max_length: int = 1024
-    batch_size: int = 8
-    head_lr: float | None = None  # default: 10x lr (the head starts from scratch)
 
 
 def samples(convs: Sequence[Conversation], spec: SteerSpec) -> list[tuple[list, str | None, list[float]]]:
@@ -51,31 +53,6 @@ def samples(convs: Sequence[Conversation], spec: SteerSpec) -> list[tuple[list, 
 def masked_mse_sum(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     present = target != MISSING
     return ((pred - target).pow(2) * present).sum()
-
-
-def held_out_report(scorer: RewardScorer, rows: list, batch_size: int) -> dict[str, dict]:
-    """Per attribute: number of rated rows, mean absolute error and Pearson r of the raw predictions."""
-    if not rows:
-        return {}
-    pred = scorer.score([r[0] for r in rows], [r[1] for r in rows], batch_size=batch_size)
-    target = np.array([r[2] for r in rows], dtype=np.float32)
-    report = {}
-    for j, name in enumerate(scorer.spec.schema.names):
-        present = target[:, j] != MISSING
-        if not present.any():
-            continue
-        p, t = pred[present, j], target[present, j]
-        r = float(np.corrcoef(p, t)[0, 1]) if present.sum() > 1 and p.std() > 0 and t.std() > 0 else None
-        report[name] = {"n": int(present.sum()), "mae": float(np.abs(p - t).mean()), "pearson_r": r}
-    return report
-
-
-def format_report(report: dict[str, dict]) -> str:
-    lines = [f"{'attribute':<14}{'n':>7}{'MAE':>9}{'Pearson r':>11}"]
-    for name, m in report.items():
-        r = "n/a" if m["pearson_r"] is None else f"{m['pearson_r']:.3f}"
-        lines.append(f"{name:<14}{m['n']:>7}{m['mae']:>9.3f}{r:>11}")
-    return "\n".join(lines)
 
 
 def train(cfg: RMConfig) -> Path:
@@ -98,7 +75,7 @@ def train(cfg: RMConfig) -> Path:
     model.train()
 
     train_rows = samples(load_jsonl(cfg.data, spec.schema), spec)
-    val_rows = samples(load_jsonl(cfg.val_data, spec.schema), spec) if cfg.val_data else []
+    val_convs = load_jsonl(cfg.val_data, spec.schema) if cfg.val_data else []
     if not train_rows:
         raise ValueError(f"{cfg.data}: no assistant turn carries a label; annotate or prepare labelled data first")
     encoded = [scorer.encode(turns, system) for turns, system, _ in train_rows]
@@ -120,14 +97,25 @@ def train(cfg: RMConfig) -> Path:
     )
     warmup = min(cfg.warmup, total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total, warmup, cfg.min_lr_ratio))
+    start = 0
+    state = load_latest(out)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        if d.main:
+            print(f"resuming from {out}/checkpoints at step {start}")
     ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else model
-    metrics = Metrics(out / "metrics.jsonl", d.main, None)
-    if d.main:
+    metrics = Metrics(out / "metrics.jsonl", d.main, start if state is not None else None)
+    if d.main and state is None:
         metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, samples=len(encoded), total_steps=total, pooling=pooling)
 
-    bar = tqdm(total=total, desc="rm", disable=not (cfg.progress and d.main), dynamic_ncols=True)
+    saves = SaveSchedule(cfg.save_every, cfg.save_minutes, d)
+    bar = tqdm(total=total, initial=start, desc="rm", disable=not (cfg.progress and d.main), dynamic_ncols=True)
     order, order_epoch = [], -1
-    for step in range(total):
+    for step in range(start, total):
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
@@ -159,15 +147,23 @@ def train(cfg: RMConfig) -> Path:
         metrics.log(step=step + 1, epoch=epoch, loss=loss, lr=sched.get_last_lr()[0], tokens_per_s=tok_s)
         bar.set_postfix(mse=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
+        if saves.due(step + 1, total):
+            if d.main:
+                state = {"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "rng": rng_state()}
+                save_checkpoint(out, step + 1, state, cfg.keep)
+            barrier(d)
     bar.close()
 
     if d.main:
         model.eval()
         if grad_ckpt:
             backbone.gradient_checkpointing_disable()
-        report = held_out_report(scorer, val_rows, cfg.batch_size)
+        # The same metrics `python -m steer_eval rm-eval` reports; attributes nobody rated are left out.
+        report = rm_eval(scorer, spec.schema, val_convs, cfg.batch_size) if samples(val_convs, spec) else {}
+        report = {name: m for name, m in report.items() if m["n"]}
         if report:
-            print(format_report(report))
+            print(rm_table(report))
             metrics.log(step=total, held_out=report)
         model.to("cpu")
         save_reward_model(out, model, hf_tok, spec, cfg.max_length)

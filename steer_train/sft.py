@@ -1,7 +1,7 @@
 """Attribute-conditioned SFT (SteerLM step 3), a plain loop readable top to bottom.
 
 Each conversation becomes the SFT sequence of `template.segments(train=True)`; the loss covers only the
-answer text, its newline and the following `<extra_id_1>` (REFERENCE section 1). Samples are packed into
+answer text, its newline and the following `<extra_id_1>` (NeMo-Aligner's SteerLM SFT masking). Samples are packed into
 fixed-length blocks; a block-diagonal causal mask and per-sample position ids keep packed samples from
 seeing each other. One optimizer step consumes `global_batch = micro_batch * grad_accum * world` blocks in
 an order fixed by the seed, so 1 process and N torchrun processes take the same steps, and a resumed run
@@ -12,32 +12,33 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from steer_train.common import (
-    Dist, Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, epoch_order, init_dist,
-    load_latest, on_gpu_unless_set, plot_losses, rng_state, save_checkpoint, save_generator, seed_all, set_rng_state,
-    TrainConfig,
-)
+from steer_train.checkpoint import SaveSchedule, load_latest, rng_state, save_checkpoint, set_rng_state
+from steer_train.config import SFTConfig
 from steer_train.data import Conversation, load_jsonl
+from steer_train.loop import (
+    Dist,
+    all_sum,
+    autocast,
+    barrier,
+    cosine_factor,
+    epoch_order,
+    init_dist,
+    on_gpu_unless_set,
+    seed_all,
+)
+from steer_train.metrics import Metrics, plot_losses
+from steer_train.models import base_spec, ensure_control_tokens, save_generator
 from steerlm.template import PromptTemplate, Segment, Turn
 from steerlm.tokenize import encode_segments
 
 IGNORE = -100
-
-
-@dataclass(kw_only=True)
-class SFTConfig(TrainConfig):
-    seq_len: int = 1024
-    micro_batch: int = 1
-    save_every: int = 0
-    keep: int = 2
-    eval_every: int = 0
 
 
 # ---------------------------------------------------------------- data
@@ -249,6 +250,7 @@ def train(cfg: SFTConfig) -> Path:
     if d.main and state is None:
         metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, blocks=len(blocks), total_steps=total)
 
+    saves = SaveSchedule(cfg.save_every, cfg.save_minutes, d)
     order, order_epoch = [], -1
     bar = tqdm(total=total, initial=start, desc="sft", disable=not (cfg.progress and d.main), dynamic_ncols=True)
     for step in range(start, total):
@@ -293,7 +295,7 @@ def train(cfg: SFTConfig) -> Path:
         done = step + 1
         if val_blocks and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
             _eval_and_log(model, val_blocks, cfg, pad_id, d, bf16, metrics, done)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == total):
+        if saves.due(done, total):
             if d.main:
                 state = {"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "rng": rng_state()}

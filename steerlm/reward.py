@@ -1,7 +1,7 @@
 """The attribute-prediction (reward) model: one code path for rendering, tokenizing, pooling and the head.
 
 Training (`steer_train rm`), local annotation and the Triton `reward_model` all score through this module,
-so a conversation gets the same token ids and the same scores everywhere (REFERENCE section 2: upstream
+so a conversation gets the same token ids and the same scores everywhere (upstream,
 scores drifted between training and serving because BOS/EOS handling differed).
 
 Checkpoint layout (a directory): the backbone saved with `save_pretrained` (config.json, model.safetensors),

@@ -17,10 +17,10 @@ import click
 import torch
 from tqdm import tqdm
 
-from steerlm.files import staged_dir
 from steerlm.convert.hf_checkpoint import copy_sidecars
 from steerlm.convert.stream import CheckpointReader, StreamingWriter
 from steerlm.convert.trtllm_ckpt import DTYPES, FormatError, Fp8Stats, LlamaDims, check_tp, rank_units, trtllm_config
+from steerlm.files import staged_dir
 
 DTYPE_CHOICES = ("float16", "bfloat16", "float32", "fp8")
 STATS_FILE = "fp8_calibration.json"

@@ -31,8 +31,8 @@ import click
 import torch
 import yaml
 
-from steerlm.files import staged_dir
 from steerlm.convert.stream import StreamingWriter
+from steerlm.files import staged_dir
 
 PRECISIONS = {"16": torch.float16, "16-mixed": torch.float16, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
               "32": torch.float32, "32-true": torch.float32}

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .nemo_files import VOCAB_DIVISOR, write_nemo
 from steerlm.convert.nemo import NemoError, nemo_to_hf
+
+from .nemo_files import VOCAB_DIVISOR, write_nemo
 
 
 def assert_same_weights(original, imported):

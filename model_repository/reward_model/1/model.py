@@ -34,6 +34,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"])["parameters"]
         self.scorer = load_reward_model(params["model_dir"]["string_value"])
+        self.attributes = np.array([n.encode("utf-8") for n in self.scorer.spec.schema.names], dtype=np.object_)
 
     def execute(self, requests):
         parsed, responses = [], [None] * len(requests)
@@ -47,6 +48,7 @@ class TritonPythonModel:
             for (i, _, _), row in zip(parsed, np.asarray(scores, dtype=np.float32)):
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("scores", row),
+                    pb_utils.Tensor("attributes", self.attributes),
                     pb_utils.Tensor("labels", np.array([self.scorer.labels(row.tolist()).encode("utf-8")],
                                                        dtype=np.object_)),
                 ])
