@@ -142,15 +142,21 @@ def rm_cmd(model, data, val_data, out, preset, pooling, max_length, batch_size, 
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Annotated JSONL; OUT.partial holds progress until it is complete.")
 @click.option("--reward-model", type=click.Path(exists=True, file_okay=False), default=None, help="Local reward model directory.")
-@click.option("--server", default=None, help="Triton HTTP address serving `reward_model`, e.g. 127.0.0.1:8000.")
+@click.option("--server", default=None, help="Triton HTTP address of a reward server, e.g. 127.0.0.1:8000.")
+@click.option("--contract", type=click.Choice(["steerlm", "nemo"]), default="steerlm", show_default=True,
+              help="With --server: steerlm (`conversation` JSON -> `scores`, this package's reward_model) or nemo "
+                   "(`sentences` text -> `rewards`, NeMo-Aligner's serve_reward_model.py; this package's server answers it too).")
+@click.option("--model-name", default="reward_model", show_default=True, help="With --server: the Triton model name.")
 @schema_option
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Conversations per batch (written and fsynced together).")
 @click.option("--concurrency", type=int, default=8, show_default=True, help="Parallel requests with --server.")
 @click.option("--device", default="cpu", show_default=True, help="Device for a local reward model.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def annotate_cmd(input_path, out, reward_model, server, preset, batch_size, concurrency, device, no_progress):
+def annotate_cmd(input_path, out, reward_model, server, contract, model_name, preset, batch_size, concurrency, device,
+                 no_progress):
     """Label every assistant turn with a reward model (clamped, rounded); rerun to resume after a crash."""
     from steer_train.annotate import TritonScorer, annotate
+    from steerlm.spec import SteerSpec
 
     if (reward_model is None) == (server is None):
         raise click.UsageError("give exactly one of --reward-model DIR or --server URL")
@@ -162,8 +168,9 @@ def annotate_cmd(input_path, out, reward_model, server, preset, batch_size, conc
         if preset and PRESETS[preset] != schema:
             raise click.UsageError(f"--schema {preset} differs from the reward model's attributes {schema.names}")
     else:
-        scorer = TritonScorer(server, concurrency)
-        schema = PRESETS[preset or "helpsteer"]
+        spec = SteerSpec.preset(preset or "helpsteer")
+        scorer = TritonScorer(server, concurrency, model_name, contract, spec.template)
+        schema = spec.schema
     counts = annotate(input_path, out, scorer, schema, batch_size, progress=not no_progress)
     click.echo(f"annotated {counts['conversations']} conversations ({counts['turns']} turns); "
                f"{counts['skipped_done']} were already done; wrote {out}")
