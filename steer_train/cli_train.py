@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import typing
 from pathlib import Path
 
 import click
 
+from steer_train.config import RMConfig, SFTConfig
 from steerlm.schema import PRESETS, SchemaError
 
 COMMANDS: list[click.Command] = []
@@ -50,26 +53,26 @@ schema_option = click.option(
 )
 
 
-def training_options(fn):
-    """Options shared by rm, sft and bootstrap."""
-    opts = [
-        click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate."),
-        click.option("--min-lr-ratio", type=float, default=0.1, show_default=True, help="Final LR as a fraction of --lr (cosine)."),
-        click.option("--warmup", type=int, default=10, show_default=True, help="Linear warm-up steps."),
-        click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the data."),
-        click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs)."),
-        click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro batches per optimizer step and process."),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True),
-        click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Max gradient norm (0: off)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for data order and sampling."),
-        click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on GPU only)."),
-        click.option("--grad-ckpt/--no-grad-ckpt", default=None, help="Gradient checkpointing (default: on GPU only)."),
-        click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
-        click.option("--no-progress", is_flag=True, help="No progress bar."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+def config_options(cls: type):
+    """Click options for the fields of a config dataclass that carry help (steer_train.config): name, type,
+    default, help and choices all come from the field; booleans become --x/--no-x switches."""
+    hints = typing.get_type_hints(cls)
+
+    def wrap(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            if "help" not in f.metadata:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+            if kind is bool:
+                decl, ptype = [f"{flag}/--no-{flag[2:]}", f.name], None
+            else:
+                decl = [flag, f.name]
+                ptype = click.Choice(f.metadata["choices"]) if f.metadata.get("choices") else kind
+            fn = click.option(*decl, type=ptype, default=f.default, show_default=f.default is not None,
+                              help=f.metadata["help"])(fn)
+        return fn
+    return wrap
 
 
 # ---------------------------------------------------------------- prepare
@@ -120,18 +123,12 @@ def prepare_cmd(inputs, out, fmt, preset, val_fraction, seed, lang, skip_invalid
               help="Held-out conversation JSONL: per-attribute MAE and Pearson r are reported on it.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Reward model checkpoint directory.")
 @schema_option
-@click.option("--pooling", type=click.Choice(["auto", "last", "mean"]), default="auto", show_default=True,
-              help="auto: mean for encoders (BERT family), last token otherwise.")
-@click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens kept per conversation (its end).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Conversations per micro batch and process.")
-@click.option("--head-lr", type=float, default=None, help="Learning rate of the new linear head (default 10x --lr).")
-@training_options
-def rm_cmd(model, data, val_data, out, preset, pooling, max_length, batch_size, head_lr, no_progress, **kw):
+@config_options(RMConfig)
+def rm_cmd(preset, **kw):
     """Train the attribute-prediction (reward) model: backbone + linear head, masked MSE over present labels."""
-    from steer_train.rm import RMConfig, train
+    from steer_train.rm import train
 
-    train(RMConfig(model=model, data=data, val_data=val_data, out=out, schema=preset, pooling=pooling,
-                   max_length=max_length, batch_size=batch_size, head_lr=head_lr, progress=not no_progress, **kw))
+    train(RMConfig(schema=preset, **kw))
 
 
 # ---------------------------------------------------------------- annotate
@@ -187,21 +184,15 @@ def sft_options(fn):
                      help="Output checkpoint directory (also checkpoints/, metrics.jsonl, loss.png)."),
         click.option("--val-data", type=click.Path(exists=True, dir_okay=False), default=None, help="Validation conversation JSONL."),
         schema_option,
-        click.option("--seq-len", type=int, default=1024, show_default=True, help="Packed block length in tokens."),
-        click.option("--micro-batch", type=int, default=1, show_default=True, help="Packed blocks per micro batch and process."),
-        click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: never)."),
-        click.option("--keep", type=int, default=2, show_default=True, help="Checkpoints kept."),
-        click.option("--eval-every", type=int, default=0, show_default=True, help="Validation loss every N steps (and at the end)."),
+        config_options(SFTConfig),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
-    return training_options(fn)
+    return fn
 
 
-def _sft_config(model, out, preset, no_progress, data="", **kw):
-    from steer_train.sft import SFTConfig
-
-    return SFTConfig(model=model, data=data, out=out, schema=preset, progress=not no_progress, **kw)
+def _sft_config(preset, data="", **kw) -> SFTConfig:
+    return SFTConfig(data=data, schema=preset, **kw)
 
 
 @command("sft")

@@ -10,31 +10,23 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from steer_train.common import (
-    Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, epoch_order, init_dist,
-    on_gpu_unless_set, plot_losses, seed_all, TrainConfig,
-)
+from steer_train.config import RMConfig
+from steer_train.loop import all_sum, autocast, barrier, cosine_factor, epoch_order, init_dist, on_gpu_unless_set, seed_all
+from steer_train.metrics import Metrics, plot_losses
+from steer_train.models import base_spec, ensure_control_tokens
 from steer_train.data import Conversation, load_jsonl
 from steerlm.files import write_json
 from steerlm.reward import RewardModel, RewardScorer, default_pooling, pad_batch, save_reward_model
 from steerlm.spec import SteerSpec
 
 MISSING = -100.0
-
-
-@dataclass(kw_only=True)
-class RMConfig(TrainConfig):
-    pooling: str = "auto"
-    max_length: int = 1024
-    batch_size: int = 8
-    head_lr: float | None = None  # default: 10x lr (the head starts from scratch)
 
 
 def samples(convs: Sequence[Conversation], spec: SteerSpec) -> list[tuple[list, str | None, list[float]]]:

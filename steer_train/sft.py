@@ -12,32 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from steer_train.common import (
-    Dist, Metrics, all_sum, autocast, barrier, base_spec, cosine_factor, ensure_control_tokens, epoch_order, init_dist,
-    load_latest, on_gpu_unless_set, plot_losses, rng_state, save_checkpoint, save_generator, seed_all, set_rng_state,
-    TrainConfig,
-)
+from steer_train.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from steer_train.config import SFTConfig
+from steer_train.loop import Dist, all_sum, autocast, barrier, cosine_factor, epoch_order, init_dist, on_gpu_unless_set, seed_all
+from steer_train.metrics import Metrics, plot_losses
+from steer_train.models import base_spec, ensure_control_tokens, save_generator
 from steer_train.data import Conversation, load_jsonl
 from steerlm.template import PromptTemplate, Segment, Turn
 from steerlm.tokenize import encode_segments
 
 IGNORE = -100
-
-
-@dataclass(kw_only=True)
-class SFTConfig(TrainConfig):
-    seq_len: int = 1024
-    micro_batch: int = 1
-    save_every: int = 0
-    keep: int = 2
-    eval_every: int = 0
 
 
 # ---------------------------------------------------------------- data

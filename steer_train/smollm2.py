@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from steer_train.common import ensure_control_tokens, save_generator
+from steer_train.models import ensure_control_tokens, save_generator
 from steerlm.spec import SteerSpec
 
 
