@@ -1,4 +1,5 @@
-"""Click commands registered on `python -m steer_train`: prepare, rm, annotate, sft, bootstrap, import-gguf."""
+"""Click commands registered on `python -m steer_train`: prepare, rm, annotate, sft, bootstrap, import-gguf,
+init-base."""
 
 from __future__ import annotations
 
@@ -236,3 +237,16 @@ def import_gguf_cmd(gguf, out, preset):
 
     click.echo(f"wrote {import_gguf(gguf, out, preset)}")
 
+
+
+@command("init-base")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Any Hugging Face causal LM directory (Llama-3, Qwen, SmolLM2, ...).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output SteerLM base directory.")
+@click.option("--schema", "preset", type=click.Choice(sorted(PRESETS)), default="helpsteer", show_default=True)
+def init_base_cmd(model, out, preset):
+    """Make a SteerLM base from a Hugging Face model: control tokens with distinct starting embeddings (copied
+    from the base's own chat tokens where it has them), the SteerLM chat template and steerlm.json."""
+    from steer_train.control_tokens import init_base
+
+    click.echo(f"wrote {init_base(model, out, preset)}")

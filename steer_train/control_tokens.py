@@ -15,10 +15,13 @@ Here each new token gets its own row, in the input embedding and in an untied ou
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from steerlm.spec import SteerSpec
 from steerlm.template import PromptTemplate
 
 # Chat special tokens of common bases, by the role they play. A turn end is what the model emits when an
@@ -83,3 +86,25 @@ def add_control_tokens(model: torch.nn.Module, hf_tokenizer, template: PromptTem
 def describe(rows: list[AddedRow]) -> str:
     parts = [f"{r.token} from {r.source}" if r.source else f"{r.token} from mean+noise" for r in rows]
     return "added control tokens " + ", ".join(parts)
+
+
+def save_as_base(model: torch.nn.Module, hf_tokenizer, spec: SteerSpec, out: Path) -> Path:
+    """Add the control tokens and write a SteerLM base (`sft`/`rm`/serving read it): what `import-gguf` and
+    `init-base` both end with."""
+    from steer_train.models import save_generator
+
+    rows = add_control_tokens(model, hf_tokenizer, spec.template)
+    if rows:
+        print(describe(rows))
+    return save_generator(out, model, hf_tokenizer, spec)
+
+
+def init_base(model_dir: str | os.PathLike, out: str | os.PathLike, preset: str = "helpsteer") -> Path:
+    """Any Hugging Face causal LM directory -> a SteerLM base with control tokens, template and steerlm.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (Path(model_dir) / "steerlm.json").is_file():
+        raise ValueError(f"{model_dir} already is a SteerLM checkpoint (steerlm.json); train from it directly")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return save_as_base(model, tokenizer, SteerSpec.preset(preset), Path(out))
