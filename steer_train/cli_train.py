@@ -82,10 +82,12 @@ def config_options(cls: type):
 @command("prepare")
 @click.option("--input", "inputs", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="Data file (repeatable): HelpSteer/HelpSteer2 CSV or JSONL, OpenAssistant trees or messages JSONL, "
-                   "NeMo-Aligner conversation JSONL; .parquet needs pandas.")
+                   "NeMo-Aligner conversation JSONL, HelpSteer2-Preference (preference pairs); .parquet needs pandas.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for train.jsonl and val.jsonl.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "helpsteer", "oasst", "nemo"]), default="auto", show_default=True,
-              help="Input format; auto looks at the first row.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "helpsteer", "oasst", "nemo", "helpsteer2-preference"]),
+              default="auto", show_default=True,
+              help="Input format; auto looks at the first row. helpsteer2-preference writes preference pairs for "
+                   "`rm --loss regular_bt|margin_bt|scaled_bt`, split by the file's own `split` column when present.")
 @schema_option
 @click.option("--val-fraction", type=float, default=0.05, show_default=True, help="Share of prompts for validation.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/validation split.")
@@ -94,7 +96,10 @@ def config_options(cls: type):
 def prepare_cmd(inputs, out, fmt, preset, val_fraction, seed, lang, skip_invalid):
     """Read public SteerLM data sets and write NeMo-Aligner conversation JSONL with a seeded train/val split."""
     from steer_train.data import read_conversations, split, write_jsonl
+    from steer_train.preference import first_row_is_preference
 
+    if fmt == "helpsteer2-preference" or (fmt == "auto" and all(first_row_is_preference(p) for p in inputs)):
+        return _prepare_pairs(inputs, out, val_fraction, seed, skip_invalid)
     schema = PRESETS[preset or "helpsteer"]
     convs, seen = [], set()
     for path in inputs:
@@ -113,6 +118,22 @@ def prepare_cmd(inputs, out, fmt, preset, val_fraction, seed, lang, skip_invalid
     click.echo(f"wrote {out}/train.jsonl ({n_train}) and {out}/val.jsonl ({n_val})")
 
 
+def _prepare_pairs(inputs, out, val_fraction, seed, skip_invalid) -> None:
+    from steer_train.preference import read_helpsteer2_preference, split_pairs, write_pairs
+
+    pairs, splits = [], []
+    for path in inputs:
+        got, got_splits, skipped = read_helpsteer2_preference(path, skip_invalid=skip_invalid)
+        pairs += got
+        splits += got_splits
+        click.echo(f"{path}: {len(got)} preference pairs" + (f", {skipped} invalid rows skipped" if skip_invalid else ""))
+    if not pairs:
+        raise click.ClickException("no preference pairs read")
+    train, val = split_pairs(pairs, splits, val_fraction, seed)
+    n_train, n_val = write_pairs(Path(out) / "train.jsonl", train), write_pairs(Path(out) / "val.jsonl", val)
+    click.echo(f"wrote preference pairs {out}/train.jsonl ({n_train}) and {out}/val.jsonl ({n_val})")
+
+
 # ---------------------------------------------------------------- rm
 
 
@@ -126,7 +147,8 @@ def prepare_cmd(inputs, out, fmt, preset, val_fraction, seed, lang, skip_invalid
 @schema_option
 @config_options(RMConfig)
 def rm_cmd(preset, **kw):
-    """Train the attribute-prediction (reward) model: backbone + linear head, masked MSE over present labels."""
+    """Train the attribute-prediction (reward) model: backbone + linear head, masked MSE over present labels
+    (or a Bradley-Terry loss on preference pairs with --loss *_bt)."""
     from steer_train.rm import train
 
     train(RMConfig(schema=preset, **kw))

@@ -5,10 +5,13 @@ indistinguishable to any method that keeps the embeddings frozen (LoRA, training
 model can never learn to emit the turn end `<extra_id_1>`, because its logit always ties with the other two.
 Here each new token gets its own row, in the input embedding and in an untied output head alike:
 
-- copied from the base's own chat-template special token of the same role where the base has one (the
+- the row of the base's own chat-template special token of the same role where the base has one (the
   turn end from `<|im_end|>`/`<|eot_id|>`..., the turn/system openers from `<|im_start|>`/...), so a chat
   base's learned "end the answer here" transfers to `<extra_id_1>` at once;
-- otherwise the mean row plus small seeded noise (scaled to the rows' spread), distinct per token.
+- otherwise the mean row;
+plus small seeded noise (scaled to the rows' spread). The noise matters for copies too: an exact copy in a
+frozen output head ties the new token's logit with its source forever, and greedy decoding then emits the
+source (`<|im_end|>`, lower id) instead of the stop string the server waits for.
 
 `import-gguf`, `init-base` and the `sft`/`rm` loops all add tokens through `add_control_tokens`.
 """
@@ -75,11 +78,9 @@ def add_control_tokens(model: torch.nn.Module, hf_tokenizer, template: PromptTem
             base = table[:old_rows].float()
             mean, spread = base.mean(0), base.std(0)
             for row in plan:
-                if row.source is not None:
-                    table[row.token_id] = table[vocab[row.source]]
-                else:
-                    noise = torch.randn(base.shape[1], generator=generator) * spread * NOISE_SCALE
-                    table[row.token_id] = (mean + noise).to(table.dtype)
+                start = base[vocab[row.source]] if row.source is not None else mean
+                noise = torch.randn(base.shape[1], generator=generator) * spread * NOISE_SCALE
+                table[row.token_id] = (start + noise).to(table.dtype)
     return plan
 
 

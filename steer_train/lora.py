@@ -34,6 +34,11 @@ def parse_targets(text: str) -> tuple[str, ...]:
     return targets
 
 
+def lora_settings(cfg) -> LoraSettings:
+    """The settings of a TrainConfig's --lora-* options."""
+    return LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, parse_targets(cfg.lora_targets))
+
+
 def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
     """`model` wrapped by peft with adapters on every module whose name ends in one of the targets; all other
     parameters frozen. A target that matches nothing is an error naming the modules that exist."""

@@ -133,3 +133,21 @@ def bt_loss(kind: str, chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     if kind == "scaled_bt":
         return margin * -F.logsigmoid(chosen - rejected)
     raise ValueError(f"loss {kind!r} must be one of {', '.join(BT_LOSSES)}")
+
+
+def first_row_is_preference(path: str | os.PathLike) -> bool:
+    for _, row in _rows(Path(path)):
+        return is_preference_row(row)
+    return False
+
+
+def split_pairs(pairs: Sequence[Pair], splits: Sequence[str | None], val_fraction: float, seed: int) -> tuple[list, list]:
+    """HelpSteer2's own `split` when every row has one (train vs the rest), else the seeded split of `prepare`
+    by first question, so pairs on one prompt stay on the same side."""
+    from steer_train.data import split
+
+    if splits and all(s is not None for s in splits):
+        return [p for p, s in zip(pairs, splits) if s == "train"], [p for p, s in zip(pairs, splits) if s != "train"]
+    by_id = {p.chosen.id: p for p in pairs}
+    train, val = split([p.chosen for p in pairs], val_fraction, seed)
+    return [by_id[c.id] for c in train], [by_id[c.id] for c in val]

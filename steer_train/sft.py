@@ -24,7 +24,7 @@ from steer_train.config import SFTConfig
 from steer_train.loop import Dist, all_sum, autocast, barrier, cosine_factor, epoch_order, init_dist, on_gpu_unless_set, seed_all
 from steer_train.metrics import Metrics, plot_losses
 from steer_train.control_tokens import add_control_tokens, describe
-from steer_train.lora import LoraSettings, apply_lora, merge, parse_targets, save_adapter, trainable_count
+from steer_train.lora import apply_lora, lora_settings, merge, save_adapter, trainable_count
 from steer_train.models import base_spec, save_generator
 from steer_train import parallel
 from steer_train.data import Conversation, load_jsonl
@@ -158,9 +158,6 @@ def load_base(cfg: SFTConfig, d: Dist):
         print(f"{describe(added)}; embeddings resized to {len(hf_tok)}")
     return model, hf_tok, spec
 
-
-def lora_settings(cfg) -> LoraSettings:
-    return LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, parse_targets(cfg.lora_targets))
 
 
 def evaluate(model, blocks: list, cfg: SFTConfig, pad_id: int, d: Dist, bf16: bool) -> float:
