@@ -140,9 +140,10 @@ def _prepare_pairs(inputs, out, val_fraction, seed, skip_invalid) -> None:
 @command("rm")
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
               help="Backbone: a causal LM (last-token pooling) or an encoder such as MiniLM (mean pooling).")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled conversation JSONL.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Labelled conversation JSONL (preference pairs from `prepare` with a --loss *_bt).")
 @click.option("--val-data", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Held-out conversation JSONL: per-attribute MAE and Pearson r are reported on it.")
+              help="Held-out data of the same kind: per-attribute MAE and Pearson r (or pair accuracy) are reported on it.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Reward model checkpoint directory.")
 @schema_option
 @config_options(RMConfig)

@@ -302,6 +302,8 @@ def train(cfg: SFTConfig) -> Path:
                   "tokens_per_s": tokens / dt, "loss_tokens": n_tokens}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        if d.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         metrics.log(**record)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}", lr=f"{record['lr']:.2e}")
         bar.update(1)

@@ -193,3 +193,29 @@ def test_merged_lora_checkpoint_is_served_with_the_local_greedy_answer(lora_run)
         served = SteerClient(server.http_url, "http").generate("question 200", attributes={"verbosity": 0},
                                                                 system="", max_tokens=16)
     assert served == local == "ok"
+
+
+def test_a_base_without_chat_tokens_gets_distinct_rows_around_the_mean(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from steer_train.control_tokens import add_control_tokens
+    from steerlm.template import PromptTemplate
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(["hello world"] * 4, trainers.BpeTrainer(vocab_size=280, special_tokens=["<pad>"],
+                                                                    show_progress=False,
+                                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    old = model.get_input_embeddings().weight.detach().clone()
+    rows = add_control_tokens(model, tok, PromptTemplate())
+    assert [r.source for r in rows] == [None, None, None]
+    w = model.get_input_embeddings().weight.detach()
+    new = w[[r.token_id for r in rows]]
+    assert torch.equal(w[: old.shape[0]], old)
+    assert min(float(torch.dist(new[i], new[j])) for i in range(3) for j in range(i + 1, 3)) > 1e-3
+    assert all(float(torch.dist(row, old.mean(0))) < float(old.std(0).norm()) for row in new)
+    assert model.get_output_embeddings().weight.data_ptr() == w.data_ptr()  # tied stays tied
