@@ -182,3 +182,42 @@ def gathered(model: torch.nn.Module, build: Callable[[], torch.nn.Module], d: Di
     for p in copy.parameters():
         p.requires_grad_(False)
     return copy.eval()
+
+
+# ---------------------------------------------------------------- one resume/save path for every mode
+
+
+def resume(out: Path, mode: str, model, opt, sched, d: Dist) -> int | None:
+    """Load the newest checkpoint of this run into model, optimizer and scheduler; returns its step, or None
+    when there is none. FSDP reads sharded checkpoints, the other modes `steer_train.checkpoint` state."""
+    from steer_train.checkpoint import load_latest, set_rng_state
+
+    if mode == "fsdp":
+        found = sharded_checkpoints(out)
+        if not found:
+            return None
+        meta = load_sharded(found[-1], model, opt, d)
+        sched.load_state_dict(meta["scheduler"])
+        return meta["step"]
+    state = load_latest(out)
+    if state is None:
+        return None
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
+def save(out: Path, step: int, mode: str, model, opt, sched, d: Dist, keep: int) -> None:
+    """A checkpoint of every process's state (collective: all processes call it at the same step)."""
+    from steer_train.checkpoint import rng_state, save_checkpoint
+
+    if mode == "fsdp":
+        save_sharded(out, step, model, opt, {"scheduler": sched.state_dict()}, d, keep)
+        return
+    if d.main:
+        state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "rng": rng_state()}
+        save_checkpoint(out, step, state, keep)
+    barrier(d)
