@@ -68,10 +68,10 @@ engine: $(STAMP)
 		$(if $(OUT),--output_dir $(OUT))
 
 eval: $(STAMP)
-	$(PY) -m steer_train eval --model $(MODEL) --reward-model $(RM)
+	$(PY) -m steer_eval eval --model $(MODEL) --reward-model $(RM)
 
 demo: $(STAMP)
-	$(PY) -m steer_train demo
+	$(PY) -m steer_eval demo
 
 clean:
 	rm -rf runs

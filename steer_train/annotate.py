@@ -23,6 +23,9 @@ from steerlm.template import PromptTemplate, Turn
 
 
 class Scorer(Protocol):
+    """What scores conversations with a reward model: `steerlm.reward.RewardScorer` in this process, or
+    `TritonScorer` through a server. One row of raw scores per conversation, in schema order."""
+
     def score(self, conversations: Sequence[Sequence[Turn]], system=None, batch_size: int = 8) -> np.ndarray: ...
 
 

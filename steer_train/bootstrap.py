@@ -15,7 +15,7 @@ from typing import Sequence
 
 from steer_train.data import Conversation, load_jsonl, write_jsonl
 from steerlm.files import write_atomic
-from steer_train.sample import generate, load_generator
+from steer_train.sample import generate, load_local_model
 from steer_train.sft import SFTConfig, train
 from steerlm.reward import load_reward_model
 from steerlm.template import Turn
@@ -42,7 +42,7 @@ def bootstrap(
     """`sft.model` is the SFT checkpoint to sample from and fine-tune; `sft.data` is ignored and replaced by the
     re-labelled set written to `sft.out`/bootstrap.jsonl. Returns the fine-tuned checkpoint directory."""
     out = Path(sft.out)
-    gen = load_generator(sft.model)
+    gen = load_local_model(sft.model)
     schema = gen.spec.schema
     names = list(vary) if vary else schema.names
     for n in names:

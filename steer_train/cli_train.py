@@ -95,7 +95,7 @@ def config_options(cls: type):
 @click.option("--skip-invalid", is_flag=True, help="Skip bad rows (and report how many) instead of stopping at the first.")
 def prepare_cmd(inputs, out, fmt, preset, val_fraction, seed, lang, skip_invalid):
     """Read public SteerLM data sets and write NeMo-Aligner conversation JSONL with a seeded train/val split."""
-    from steer_train.data import read_conversations, split, write_jsonl
+    from steer_train.data import read_conversations, split, split_warning, write_jsonl
     from steer_train.preference import first_row_is_preference
 
     if fmt == "helpsteer2-preference" or (fmt == "auto" and all(first_row_is_preference(p) for p in inputs)):
@@ -113,6 +113,9 @@ def prepare_cmd(inputs, out, fmt, preset, val_fraction, seed, lang, skip_invalid
     if not convs:
         raise click.ClickException("no conversations read")
     train, val = split(convs, val_fraction, seed)
+    warning = split_warning(len(train), len(val), val_fraction)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     n_train = write_jsonl(Path(out) / "train.jsonl", train)
     n_val = write_jsonl(Path(out) / "val.jsonl", val)
     click.echo(f"wrote {out}/train.jsonl ({n_train}) and {out}/val.jsonl ({n_val})")

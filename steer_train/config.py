@@ -49,14 +49,16 @@ class TrainConfig:
                                 "Comma-separated names of the linear layers that get adapters.")
     merge: bool = setting(False, "With --lora: also fold the adapter into the base and write OUT as an ordinary "
                           "checkpoint that serving and `make engine` read.")
+    save_every: int = setting(0, "Also checkpoint every N optimizer steps and at the last (0: by time only).")
+    save_minutes: float = setting(30.0, "Checkpoint when this many minutes have passed since the last one, so a "
+                                        "killed run resumes from there (0: off).")
+    keep: int = setting(2, "Checkpoints kept (0: all).")
 
 
 @dataclass(kw_only=True)
 class SFTConfig(TrainConfig):
     seq_len: int = setting(1024, "Packed block length in tokens.")
     micro_batch: int = setting(1, "Packed blocks per micro batch and process.")
-    save_every: int = setting(0, "Checkpoint every N steps (0: never).")
-    keep: int = setting(2, "Checkpoints kept.")
     eval_every: int = setting(0, "Validation loss every N steps (and at the end).")
 
 

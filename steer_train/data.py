@@ -46,14 +46,9 @@ class Conversation:
         return {"id": self.id, "system": system, "mask": "User", "type": "VALUE_TO_TEXT", "conversations": conv}
 
 
-def partial_labels(schema: AttributeSchema, values: Mapping[str, int]) -> str:
-    """Label string of the present attributes only, in schema order (`AttributeSchema.encode` fills defaults)."""
-    return ",".join(f"{n}:{values[n]}" for n in schema.names if n in values)
-
-
 def canonical_labels(schema: AttributeSchema, text: str | None) -> str:
     """Validate a (possibly partial) label string and write it in schema order, present attributes only."""
-    return partial_labels(schema, schema.parse(text or ""))
+    return schema.encode(schema.parse(text or ""), partial=True)
 
 
 def conversation_from_json(obj: object, schema: AttributeSchema, fallback_id: str) -> Conversation:
@@ -149,7 +144,7 @@ def helpsteer_conversation(row: object, schema: AttributeSchema, cid: str) -> Co
             raise DataError(f"field {name!r}: {raw!r} is not an integer in {attr.min}..{attr.max}") from None
     history, question = _split_helpsteer2_prompt(row["prompt"])
     turns = [Turn(q, a, "") for q, a in history]
-    turns.append(Turn(question, row["response"], partial_labels(schema, values)))
+    turns.append(Turn(question, row["response"], schema.encode(values, partial=True)))
     return Conversation(cid, tuple(turns))
 
 
@@ -166,7 +161,7 @@ def _oasst_labels(schema: AttributeSchema, labels: object) -> str:
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise DataError(f"labels value for {name!r} must be a number in 0..1, got {value!r}")
             values[name] = attr.min + round(value * (attr.max - attr.min))
-    return partial_labels(schema, values)
+    return schema.encode(values, partial=True)
 
 
 def _oasst_threads(root: Mapping, children: Callable[[Mapping], Sequence[Mapping]]) -> Iterator[list[Mapping]]:
@@ -308,7 +303,8 @@ def jsonl_line(conv: Conversation) -> str:
 
 def split(conversations: Sequence[Conversation], val_fraction: float, seed: int) -> tuple[list, list]:
     """Seeded train/validation split; conversations that share a first question stay on the same side,
-    so threads of one OpenAssistant tree never leak between train and validation."""
+    so threads of one OpenAssistant tree never leak between train and validation. A split that is asked for
+    gets at least one prompt on each side when there are two prompts or more."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     groups: dict[str, list[Conversation]] = {}
@@ -317,6 +313,20 @@ def split(conversations: Sequence[Conversation], val_fraction: float, seed: int)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     n_val = round(len(keys) * val_fraction)
+    if val_fraction > 0 and len(keys) > 1:
+        n_val = min(max(n_val, 1), len(keys) - 1)
     val = [c for k in keys[:n_val] for c in groups[k]]
     train = [c for k in keys[n_val:] for c in groups[k]]
     return train, val
+
+
+def split_warning(n_train: int, n_val: int, val_fraction: float) -> str | None:
+    """A sentence when the validation share of conversations is far (off by half or more) from the request;
+    prompts are split whole, so few prompts or many answers per prompt move the share."""
+    if val_fraction <= 0:
+        return None
+    share = n_val / max(n_train + n_val, 1)
+    if abs(share - val_fraction) < val_fraction / 2:
+        return None
+    return (f"validation holds {n_val} of {n_train + n_val} conversations ({share:.1%}), not the {val_fraction:.1%} "
+            "asked for: the split keeps all answers to one prompt on one side, and this data has few prompts")

@@ -16,9 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
+from steer_train.checkpoint import SaveSchedule
 from steer_train.config import RMConfig
 from steer_train.loop import all_sum, autocast, barrier, cosine_factor, epoch_order, init_dist, on_gpu_unless_set, seed_all
 from steer_train.metrics import Metrics, plot_losses
@@ -27,6 +27,7 @@ from steer_train.control_tokens import add_control_tokens, describe
 from steer_train.lora import apply_lora, lora_settings, merge, save_adapter, trainable_count
 from steer_train.models import base_spec
 from steer_train.preference import BT_LOSSES, bt_loss, load_pairs
+from steer_train.quality import rm_eval, rm_table
 from steer_train.data import Conversation, load_jsonl
 from steerlm.files import write_json
 from steerlm.reward import (
@@ -51,31 +52,6 @@ def samples(convs: Sequence[Conversation], spec: SteerSpec) -> list[tuple[list, 
 def masked_mse_sum(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     present = target != MISSING
     return ((pred - target).pow(2) * present).sum()
-
-
-def held_out_report(scorer: RewardScorer, rows: list, batch_size: int) -> dict[str, dict]:
-    """Per attribute: number of rated rows, mean absolute error and Pearson r of the raw predictions."""
-    if not rows:
-        return {}
-    pred = scorer.score([r[0] for r in rows], [r[1] for r in rows], batch_size=batch_size)
-    target = np.array([r[2] for r in rows], dtype=np.float32)
-    report = {}
-    for j, name in enumerate(scorer.spec.schema.names):
-        present = target[:, j] != MISSING
-        if not present.any():
-            continue
-        p, t = pred[present, j], target[present, j]
-        r = float(np.corrcoef(p, t)[0, 1]) if present.sum() > 1 and p.std() > 0 and t.std() > 0 else None
-        report[name] = {"n": int(present.sum()), "mae": float(np.abs(p - t).mean()), "pearson_r": r}
-    return report
-
-
-def format_report(report: dict[str, dict]) -> str:
-    lines = [f"{'attribute':<14}{'n':>7}{'MAE':>9}{'Pearson r':>11}"]
-    for name, m in report.items():
-        r = "n/a" if m["pearson_r"] is None else f"{m['pearson_r']:.3f}"
-        lines.append(f"{name:<14}{m['n']:>7}{m['mae']:>9.3f}{r:>11}")
-    return "\n".join(lines)
 
 
 def preference_report(scorer: RewardScorer, pairs: list, index: int, batch_size: int) -> dict:
@@ -136,7 +112,7 @@ def train(cfg: RMConfig) -> Path:
         margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
     else:
         train_rows = samples(load_jsonl(cfg.data, spec.schema), spec)
-        val_rows = samples(load_jsonl(cfg.val_data, spec.schema), spec) if cfg.val_data else []
+        val_convs = load_jsonl(cfg.val_data, spec.schema) if cfg.val_data else []
         if not train_rows:
             raise ValueError(f"{cfg.data}: no assistant turn carries a label; annotate or prepare labelled data first")
         encoded = [scorer.encode(turns, system) for turns, system, _ in train_rows]
@@ -156,15 +132,20 @@ def train(cfg: RMConfig) -> Path:
     )
     warmup = min(cfg.warmup, total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total, warmup, cfg.min_lr_ratio))
-    metrics = Metrics(out / "metrics.jsonl", d.main, None)
-    if d.main:
+    resumed = parallel.resume(out, mode, model, opt, sched, d)
+    start = resumed or 0
+    if resumed is not None and d.main:
+        print(f"resuming from {out}/checkpoints at step {start}")
+    metrics = Metrics(out / "metrics.jsonl", d.main, resumed)
+    if d.main and resumed is None:
         n_train, n_all = trainable_count(model)
         metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, samples=len(encoded), total_steps=total,
                     pooling=pooling, parallel=mode, trainable_params=n_train, params=n_all)
 
-    bar = tqdm(total=total, desc="rm", disable=not (cfg.progress and d.main), dynamic_ncols=True)
+    saves = SaveSchedule(cfg.save_every, cfg.save_minutes, d)
+    bar = tqdm(total=total, initial=start, desc="rm", disable=not (cfg.progress and d.main), dynamic_ncols=True)
     order, order_epoch = [], -1
-    for step in range(total):
+    for step in range(start, total):
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
@@ -201,6 +182,8 @@ def train(cfg: RMConfig) -> Path:
         metrics.log(step=step + 1, epoch=epoch, loss=loss, lr=sched.get_last_lr()[0], tokens_per_s=tok_s)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
+        if saves.due(step + 1, total):
+            parallel.save(out, step + 1, mode, model, opt, sched, d, cfg.keep)
     bar.close()
 
     final = parallel.gathered(model, unsharded_skeleton, d) if mode == "fsdp" else model
@@ -214,9 +197,11 @@ def train(cfg: RMConfig) -> Path:
             if report:
                 print(f"held-out preference accuracy {report['accuracy']:.3f} over {report['pairs']} pairs")
         else:
-            report = held_out_report(scorer, val_rows, cfg.batch_size)
+            # The same metrics `python -m steer_eval rm-eval` reports; attributes nobody rated are left out.
+            report = rm_eval(scorer, spec.schema, val_convs, cfg.batch_size) if samples(val_convs, spec) else {}
+            report = {name: m for name, m in report.items() if m["n"]}
             if report:
-                print(format_report(report))
+                print(rm_table(report))
         if report:
             metrics.log(step=total, held_out=report)
         _export(final, hf_tok, spec, cfg, out, weights)

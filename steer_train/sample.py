@@ -17,23 +17,25 @@ from steerlm.tokenize import encode_prompt, load_tokenizer
 
 
 @dataclass
-class Generator:
+class LocalModel:
+    """A checkpoint loaded for sampling in this process."""
+
     model: torch.nn.Module
     tokenizer: object  # tokenizers.Tokenizer
     spec: SteerSpec
     device: str = "cpu"
 
 
-def load_generator(model_dir: str | os.PathLike, device: str = "cpu") -> Generator:
+def load_local_model(model_dir: str | os.PathLike, device: str = "cpu") -> LocalModel:
     from transformers import AutoModelForCausalLM
 
     spec = load_spec(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    return Generator(model, load_tokenizer(model_dir), spec, device)
+    return LocalModel(model, load_tokenizer(model_dir), spec, device)
 
 
 def generate(
-    model: str | os.PathLike | Generator,
+    model: str | os.PathLike | LocalModel,
     prompts: Sequence[str],
     attributes: Mapping[str, int] | Sequence[Mapping[str, int] | None] | None = None,
     max_new_tokens: int = 128,
@@ -49,7 +51,7 @@ def generate(
     attributes take the schema defaults); `histories` gives earlier turns per prompt as
     {question, answer, optional labels/attributes}; `system` is one system prompt or one per prompt
     (None: the template's default). temperature 0 means greedy."""
-    gen = model if isinstance(model, Generator) else load_generator(model)
+    gen = model if isinstance(model, LocalModel) else load_local_model(model)
     n = len(prompts)
     per_prompt = list(attributes) if isinstance(attributes, (list, tuple)) else [attributes] * n
     histories = list(histories) if histories is not None else [()] * n

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from steer_train.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from steer_train.checkpoint import SaveSchedule
 from steer_train.config import SFTConfig
 from steer_train.loop import Dist, all_sum, autocast, barrier, cosine_factor, epoch_order, init_dist, on_gpu_unless_set, seed_all
 from steer_train.metrics import Metrics, plot_losses
@@ -243,30 +243,17 @@ def train(cfg: SFTConfig) -> Path:
     warmup = min(cfg.warmup, total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total, warmup, cfg.min_lr_ratio))
 
-    start = 0
-    state = None
-    if mode == "fsdp":
-        found = parallel.sharded_checkpoints(out)
-        if found:
-            state = parallel.load_sharded(found[-1], model, opt, d)
-            sched.load_state_dict(state["scheduler"])
-            start = state["step"]
-            if d.main:
-                print(f"resuming from {found[-1]} at step {start}")
-    elif (state := load_latest(out)) is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        if d.main:
-            print(f"resuming from {out}/checkpoints at step {start}")
-    metrics = Metrics(out / "metrics.jsonl", d.main, start if state is not None else None)
-    if d.main and state is None:
+    resumed = parallel.resume(out, mode, model, opt, sched, d)
+    start = resumed or 0
+    if resumed is not None and d.main:
+        print(f"resuming from {out}/checkpoints at step {start}")
+    metrics = Metrics(out / "metrics.jsonl", d.main, resumed)
+    if d.main and resumed is None:
         n_train, n_all = trainable_count(model)
         metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, blocks=len(blocks), total_steps=total,
                     parallel=mode, trainable_params=n_train, params=n_all)
 
+    saves = SaveSchedule(cfg.save_every, cfg.save_minutes, d)
     order, order_epoch = [], -1
     bar = tqdm(total=total, initial=start, desc="sft", disable=not (cfg.progress and d.main), dynamic_ncols=True)
     for step in range(start, total):
@@ -311,14 +298,8 @@ def train(cfg: SFTConfig) -> Path:
         done = step + 1
         if val_blocks and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
             _eval_and_log(model, val_blocks, cfg, pad_id, d, bf16, metrics, done, mode)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == total):
-            if mode == "fsdp":
-                parallel.save_sharded(out, done, model, opt, {"scheduler": sched.state_dict()}, d, cfg.keep)
-            elif d.main:
-                state = {"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "rng": rng_state()}
-                save_checkpoint(out, done, state, cfg.keep)
-            barrier(d)
+        if saves.due(done, total):
+            parallel.save(out, done, mode, model, opt, sched, d, cfg.keep)
     bar.close()
 
     if val_blocks:

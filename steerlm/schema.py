@@ -10,6 +10,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping
 
 
+def format_labels(values: Mapping[str, int]) -> str:
+    """`name:value` pairs joined by commas, in the given order and unchecked: the label form for a client that
+    does not know the model's schema (the server validates). With a schema, use `AttributeSchema.encode`."""
+    return ",".join(f"{name}:{int(value)}" for name, value in values.items())
+
+
 class SchemaError(ValueError):
     """A label string or attribute value does not fit the model's schema."""
 
@@ -74,9 +80,14 @@ class AttributeSchema:
             self[name].check(value)
         return {a.name: values.get(a.name, a.default) for a in self.attributes}
 
-    def encode(self, values: Mapping[str, int] | None = None) -> str:
-        """Full label string in schema order, e.g. `quality:4,toxicity:0,...`."""
-        return ",".join(f"{k}:{v}" for k, v in self.complete(values).items())
+    def encode(self, values: Mapping[str, int] | None = None, *, partial: bool = False) -> str:
+        """The label string in schema order: complete (`quality:4,toxicity:0,...`, left-out attributes at their
+        defaults, what a prompt carries) or, with partial=True, only the given attributes (what a data set
+        that rated some attributes carries; NeMo-Aligner masks the others out of the reward-model loss).
+        This and `parse` are the only writer and reader of label strings in the package."""
+        values = dict(values or {})
+        complete = self.complete(values)
+        return format_labels({k: v for k, v in complete.items() if not partial or k in values})
 
     def parse(self, text: str, *, partial: bool = True) -> dict[str, int]:
         """Parse `name:value,...` (also `name=value`); with partial=False every attribute must be present."""

@@ -11,6 +11,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from steerlm.schema import format_labels
+
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
@@ -29,7 +31,7 @@ def labels(attributes: Mapping[str, int] | str | None) -> str | None:
     """`{"verbosity": 4}` or `"verbosity:4"` (also `verbosity=4`) -> the server's label form."""
     if attributes is None or isinstance(attributes, str):
         return attributes or None
-    return ",".join(f"{k}:{int(v)}" for k, v in attributes.items()) or None
+    return format_labels(attributes) or None
 
 
 def history_json(history: Sequence[Mapping[str, Any]] | str | None) -> str | None:
@@ -234,10 +236,9 @@ class SteerClient:
             raise SteerError(_message(exc)) from None
         finally:
             client.close()
-        label_string = _str(result.as_numpy("labels"))
-        names = [item.split(":", 1)[0] for item in label_string.split(",")]
+        names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in result.as_numpy("attributes").reshape(-1)]
         scores = result.as_numpy("scores").astype(float).reshape(-1).tolist()
-        out = {"scores": dict(zip(names, scores)), "labels": label_string}
+        out = {"scores": dict(zip(names, scores)), "labels": _str(result.as_numpy("labels"))}
         reward = result.as_numpy("reward")
         if reward is not None:
             out["reward"] = float(np.asarray(reward).reshape(-1)[0])

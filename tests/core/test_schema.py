@@ -34,6 +34,13 @@ def test_parse_of_empty_string_is_empty():
     assert HELPSTEER.parse("") == {}
 
 
+def test_a_partial_label_string_carries_only_present_attributes_in_schema_order():
+    assert HELPSTEER.encode({"verbosity": 3, "complexity": 1}, partial=True) == "complexity:1,verbosity:3"
+    assert HELPSTEER.encode({}, partial=True) == ""
+    with pytest.raises(SchemaError, match="outside allowed range"):
+        HELPSTEER.encode({"verbosity": 9}, partial=True)
+
+
 def test_parse_round_trips_a_full_label_string():
     text = HELPSTEER.encode({"humor": 3})
     assert HELPSTEER.encode(HELPSTEER.parse(text, partial=False)) == text

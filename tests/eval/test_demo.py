@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from steer_train.demo import Pipeline, Stage
-from steer_train.demo_data import build_demo_data, openings
+from steer_eval.demo import Pipeline, Stage
+from steer_eval.demo_data import DEMO_SCHEMA, build_demo_data, openings
 
 
 def test_openings_prefer_sentence_and_clause_ends_and_fill_other_levels_with_word_cuts():
@@ -54,8 +54,9 @@ def test_demo_data_is_weakly_labelled_and_never_trains_on_the_eval_prompts(tmp_p
     seen = {m["value"] for c in train + val for m in c["conversations"] if m["from"] == "User"}
     assert not seen & set(prompts)
     labels = [m["label"] for c in train for m in c["conversations"] if m["from"] == "Assistant"]
-    assert all(set(dict(kv.split(":") for kv in lab.split(","))) <= {"complexity", "verbosity"} for lab in labels)
-    assert {lab.split("verbosity:")[1] for lab in labels} == {"0", "1", "2", "3", "4"}
+    parsed = [DEMO_SCHEMA.parse(lab) for lab in labels]
+    assert all(set(values) <= {"complexity", "verbosity"} for values in parsed)
+    assert {values["verbosity"] for values in parsed} == {0, 1, 2, 3, 4}
 
 
 def test_each_reference_answer_is_trained_at_several_lengths_that_only_the_label_tells_apart(tmp_path):

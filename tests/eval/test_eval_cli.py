@@ -1,4 +1,4 @@
-"""`python -m steer_train eval` and `rm-eval` end to end on tiny models made by the tests."""
+"""`python -m steer_eval eval` and `rm-eval` end to end on tiny models made by the tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from steer_train.__main__ import cli
+from steer_eval.__main__ import cli
 
 
 @pytest.fixture()
@@ -47,7 +47,7 @@ def test_eval_sweeps_each_attribute_and_writes_json_markdown_and_plot(tiny_model
 
 
 def test_eval_default_attributes_are_the_user_facing_ones(tiny_model):
-    from steer_train.eval import choose_attributes
+    from steer_eval.steerability import choose_attributes
     from steerlm.schema import STEERLM_13B
     from steerlm.spec import load_spec
 
@@ -65,8 +65,8 @@ def test_eval_rejects_an_unknown_attribute_or_value_naming_the_allowed_ones(tiny
     assert bad_value.exit_code == 2 and "outside allowed range 0..4" in bad_value.output
 
 
-def test_rm_eval_reports_each_labelled_attribute(tiny_rm, tmp_path):
-    data = tmp_path / "val.jsonl"
+def labelled_file(path):
+    """Two prompts with three answers each, labelled by length: 1, 40 and 90 words."""
     rows = []
     for q in ("Name a colour.", "Name a fruit."):
         for n, v in ((1, 0), (40, 1), (90, 2)):
@@ -74,7 +74,12 @@ def test_rm_eval_reports_each_labelled_attribute(tiny_rm, tmp_path):
             rows.append({"system": None, "conversations": [
                 {"from": "User", "value": q, "label": None},
                 {"from": "Assistant", "value": answer, "label": f"verbosity:{v}"}]})
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rm_eval_reports_each_labelled_attribute(tiny_rm, tmp_path):
+    data = labelled_file(tmp_path / "val.jsonl")
     result = CliRunner().invoke(cli, ["rm-eval", "--reward-model", str(tiny_rm), "--data", str(data),
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
@@ -82,6 +87,18 @@ def test_rm_eval_reports_each_labelled_attribute(tiny_rm, tmp_path):
     assert metrics["verbosity"]["n"] == 6 and metrics["verbosity"]["pairs"] == 6  # 3 pairs per prompt
     assert metrics["quality"]["n"] == 0  # unlabelled attributes are not scored
     assert "| verbosity | 6 |" in result.output and "| quality |" not in result.output
+
+
+def test_the_old_steer_train_command_says_where_it_moved_and_runs_it(tiny_rm, tmp_path):
+    from steer_train.__main__ import cli as train_cli
+
+    args = ["rm-eval", "--reward-model", str(tiny_rm), "--data", str(labelled_file(tmp_path / "val.jsonl"))]
+    new, old = CliRunner().invoke(cli, args), CliRunner().invoke(train_cli, args)
+    assert old.exit_code == 0, old.output
+    assert "`python -m steer_train rm-eval` is now `python -m steer_eval rm-eval`" in old.stderr
+    assert old.stdout == new.stdout
+    bad = CliRunner().invoke(train_cli, ["rm-eval", "--batch-size", "x"])
+    assert bad.exit_code == 2 and "python -m steer_eval rm-eval" in bad.output
 
 
 def test_eval_through_the_served_ensemble_over_grpc(tiny_model, tiny_rm, prompts_file, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steer_train.eval_stats import rm_quality, spearman, steerability
+from steer_eval.stats import spearman, steerability
+from steer_train.quality import rm_quality
 
 VALUES = np.repeat(np.arange(5), 20)  # 20 answers requested at each value 0..4
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from steer_train.weak_labels import complexity_label, label_string, readability_index, verbosity_label, weak_labels
+from steer_eval.weak_labels import complexity_label, readability_index, verbosity_label, weak_labels
 
 
 @pytest.mark.parametrize(
@@ -33,11 +33,6 @@ def test_complexity_rises_with_long_words_and_long_sentences():
 def test_too_short_answers_get_no_complexity_label():
     assert complexity_label("You too!") is None
     assert weak_labels("You too!") == {"verbosity": 0}
-
-
-def test_label_string_carries_only_present_attributes_in_schema_order():
-    assert label_string({"verbosity": 3, "complexity": 1}, ["quality", "complexity", "verbosity"]) == "complexity:1,verbosity:3"
-    assert label_string({"verbosity": 0}, ["complexity", "verbosity"]) == "verbosity:0"
 
 
 def test_attributes_text_cannot_measure_are_refused():

@@ -116,3 +116,29 @@ def test_split_keeps_threads_of_one_prompt_together():
     train, val = split(convs, 0.3, seed=0)
     assert not {c.turns[0].question for c in train} & {c.turns[0].question for c in val}
     assert len(val) == 18
+
+
+def _convs(prompts: int, answers: int):
+    from steer_train.data import Conversation
+    from steerlm.template import Turn
+
+    return [Conversation(f"{q}-{k}", (Turn(f"q{q}", f"a{k}", ""),)) for q in range(prompts) for k in range(answers)]
+
+
+def test_a_requested_split_keeps_at_least_one_validation_prompt():
+    """30 prompts x 5% rounds to 1.5 -> 2, 8 prompts x 5% to 0: the small set still gets one."""
+    train, val = split(_convs(8, 1), 0.05, seed=0)
+    assert (len(train), len(val)) == (7, 1)
+    assert split(_convs(1, 3), 0.05, seed=0) == (_convs(1, 3), [])  # one prompt: nothing left to train on
+    assert split(_convs(8, 1), 0.0, seed=0)[1] == []  # no split asked for, none made
+
+
+def test_prepare_warns_when_the_validation_share_is_far_from_the_request(tmp_path):
+    """240 HelpSteer rows with 20 answers to each of 12 prompts: 5% asks for 0.6 prompts, one prompt is 8.3%."""
+    rows = [[f"q{i // 20}", f"a{i}", 3, 3, 3, 3, i % 5] for i in range(240)]
+    src = write_csv(tmp_path / "hs.csv", rows)
+    res = CliRunner().invoke(cli, ["prepare", "--input", str(src), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "warning: validation holds 20 of 240 conversations (8.3%), not the 5.0% asked for" in res.output
+    even = CliRunner().invoke(cli, ["prepare", "--input", str(src), "--out", str(tmp_path / "p"), "--val-fraction", "0.25"])
+    assert even.exit_code == 0 and "warning" not in even.output

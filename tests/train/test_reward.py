@@ -18,7 +18,7 @@ def test_rm_learns_planted_length_signal_on_held_out_rows(trained_rm):
     report = json.loads((trained_rm / "eval.json").read_text())
     assert set(report) == {"verbosity"}  # only the rated attribute is reported
     assert report["verbosity"]["n"] == 40
-    assert report["verbosity"]["pearson_r"] > 0.8
+    assert report["verbosity"]["pearson"] > 0.8
 
 
 def test_rm_checkpoint_follows_the_contract(trained_rm):
@@ -39,7 +39,7 @@ def test_loaded_scorer_reproduces_held_out_metrics(trained_rm, rm_data):
     v = scorer.spec.schema.names.index("verbosity")
     report = json.loads((trained_rm / "eval.json").read_text())["verbosity"]
     assert scores.shape == (40, 9) and scores.dtype == np.float32
-    assert np.corrcoef(scores[:, v], target)[0, 1] == pytest.approx(report["pearson_r"], abs=1e-4)
+    assert np.corrcoef(scores[:, v], target)[0, 1] == pytest.approx(report["pearson"], abs=1e-4)
 
 
 def test_scores_do_not_depend_on_batching_or_labels(trained_rm):

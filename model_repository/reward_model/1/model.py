@@ -38,6 +38,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"])["parameters"]
         self.scorer = load_reward_model(params["model_dir"]["string_value"])
+        self.attributes = np.array([n.encode("utf-8") for n in self.scorer.spec.schema.names], dtype=np.object_)
 
     def _parse(self, request):
         """('conversation'|'sentences', [(system, turns), ...]) of one request."""
@@ -56,6 +57,7 @@ class TritonPythonModel:
         if contract == "conversation":
             labels = [self.scorer.labels(row.tolist()).encode("utf-8") for row in scores]
             tensors += [pb_utils.Tensor("scores", scores),
+                        pb_utils.Tensor("attributes", np.tile(self.attributes, (len(rows), 1))),
                         pb_utils.Tensor("labels", np.array(labels, dtype=np.object_).reshape(-1, 1))]
         else:
             exceeded = [len(self.scorer.encode_full(turns, system)) > self.scorer.max_length for system, turns in rows]

@@ -1,4 +1,4 @@
-"""`python -m steer_train demo` (`make demo`): the whole SteerLM method on a CPU in about ten minutes.
+"""`python -m steer_eval demo` (`make demo`): the whole SteerLM method on a CPU in about ten minutes.
 
 Stages, each skipped when a stamp says its inputs (files, by content hash) and settings are unchanged:
 
@@ -140,7 +140,7 @@ class Pipeline:
 def init_base(out: Path, corpus: list[str], hidden: int, layers: int, vocab: int, seed: int) -> Path:
     """A tiny random Llama (`init_tiny`) whose tokenizer is trained on the demo text: shorter token
     sequences make training and generation several times faster than with the generic tiny tokenizer."""
-    from steer_train.demo_data import DEMO_SPEC
+    from steer_eval.demo_data import DEMO_SPEC
     from steer_train.tiny import init_tiny
 
     tmp = out.with_name(out.name + ".tmp")
@@ -167,7 +167,7 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
     annotated = data / "train_annotated.jsonl"
 
     def build_data() -> None:
-        from steer_train.demo_data import build_demo_data
+        from steer_eval.demo_data import build_demo_data
 
         paths = build_demo_data(data, seed=cfg.seed)
         for kind, path in paths.items():
@@ -175,7 +175,7 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
 
     def build_bases() -> None:
         from steer_train.data import load_jsonl
-        from steer_train.demo_data import DEMO_SCHEMA, corpus_texts
+        from steer_eval.demo_data import DEMO_SCHEMA, corpus_texts
 
         corpus = corpus_texts(load_jsonl(train, DEMO_SCHEMA) + load_jsonl(val, DEMO_SCHEMA))
         init_base(base, corpus, cfg.hidden_size, cfg.layers, cfg.vocab_size, cfg.seed)
@@ -191,12 +191,11 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
 
     def eval_rm() -> None:
         from steer_train.data import load_jsonl
-        from steer_train.eval import rm_eval
-        from steer_train.eval_report import rm_table
+        from steer_train.quality import rm_eval, rm_table
         from steerlm.reward import load_reward_model
 
         scorer = load_reward_model(rm)
-        metrics = rm_eval(scorer, load_jsonl(val, scorer.spec.schema))
+        metrics = rm_eval(scorer, scorer.spec.schema, load_jsonl(val, scorer.spec.schema))
         write_json(work / "rm_eval" / "rm_eval.json", metrics)
         write_atomic(work / "rm_eval" / "rm_eval.md", rm_table(metrics))
 
@@ -252,8 +251,8 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
 def serve_ask_eval(work: Path, sft: Path, rm: Path, prompts: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> None:
     """Start Triton with the SFT model and the reward model, ask the demo question at two verbosity settings,
     then run the steerability sweep through the same server."""
-    from steer_train import eval as ev
-    from steer_train.eval_data import load_prompts
+    from steer_eval import steerability as ev
+    from steer_eval.prompts import load_prompts
     from steerlm.reward import load_reward_model
     from steerlm.serve import TritonServer
     from steerlm.spec import load_spec
@@ -281,10 +280,12 @@ def serve_ask_eval(work: Path, sft: Path, rm: Path, prompts: Path, cfg: DemoConf
 
 
 def print_answers(work: Path) -> None:
+    from steer_eval.demo_data import DEMO_SCHEMA
+
     asked = json.loads((work / "ask.json").read_text())
     click.echo(f"\nQuestion: {asked['question']}")
     for a in asked["answers"]:
-        label = ",".join(f"{k}:{v}" for k, v in a["attributes"].items())
+        label = DEMO_SCHEMA.encode(a["attributes"], partial=True)
         click.echo(f"\n--- {label} ({len(a['answer'].split())} words) ---\n{a['answer']}")
     click.echo("")
 

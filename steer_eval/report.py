@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from steer_train.eval_stats import fmt
+from steer_train.quality import fmt
 
 
 def steer_table(summaries: Sequence[Mapping]) -> str:
@@ -22,18 +22,6 @@ def steer_table(summaries: Sequence[Mapping]) -> str:
         rows.append(
             f"| {s['attribute']} | {fmt(s['spearman'])} | {fmt(s['mae'])} | {'yes' if s['monotonic'] else 'no'} "
             f"| {means} | {side_text} |"
-        )
-    return "\n".join(rows) + "\n"
-
-
-def rm_table(metrics: Mapping[str, Mapping]) -> str:
-    rows = ["| attribute | labelled rows | MAE | Pearson r | pairs | pairwise accuracy |", "|---|---|---|---|---|---|"]
-    for name, m in metrics.items():
-        if not m["n"]:
-            continue
-        rows.append(
-            f"| {name} | {m['n']} | {fmt(m['mae'])} | {fmt(m['pearson'])} | {m['pairs']} "
-            f"| {fmt(m['pairwise_accuracy'])} |"
         )
     return "\n".join(rows) + "\n"
 

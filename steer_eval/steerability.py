@@ -1,29 +1,31 @@
 """Steerability evaluation: sweep each attribute over its scale, generate, measure with the reward model.
 
 For every chosen attribute and every value on its scale (the other attributes at the model's defaults),
-each prompt is answered once, then the reward model scores every answer. `eval_stats` turns the scores
-into Spearman / MAE / monotonicity / side effects; `eval_report` writes eval.json, eval.md and eval.png.
+each prompt is answered once, then the reward model scores every answer. `stats` turns the scores
+into Spearman / MAE / monotonicity / side effects; `report` writes eval.json, eval.md and eval.png.
 Answers come from the served ensemble over gRPC (`--server`) or from the checkpoint in-process.
 """
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from steer_train.eval_data import Prompt
-from steer_train.eval_report import steer_plot, steer_table
+from steer_eval.prompts import Prompt
+from steer_eval.report import steer_plot, steer_table
+from steer_eval.stats import steerability
+from steer_eval.weak_labels import word_count
 from steerlm.files import write_atomic, write_json
-from steer_train.eval_stats import rm_quality, steerability
-from steer_train.weak_labels import word_count
 from steerlm.schema import AttributeSchema, SchemaError
 from steerlm.spec import SteerSpec
 from steerlm.template import Turn
+
+if TYPE_CHECKING:
+    from steerlm.reward import RewardScorer
 
 # Llama2-70B-SteerLM-Chat documents these as the knobs users turn; others (quality, toxicity, ...)
 # are held at their defaults in normal use, so they are swept only when asked for.
@@ -41,15 +43,6 @@ class Decoding:
 class Generator(Protocol):
     def generate(self, requests: Sequence[tuple[str, Mapping[str, int]]], decoding: Decoding) -> list[str]:
         """One answer per (question, attribute values) request, in order."""
-
-
-class Scorer(Protocol):
-    spec: SteerSpec
-
-    def score(
-        self, conversations: list[list[Turn]], system: str | None | list[str | None] = None, batch_size: int = 8
-    ) -> np.ndarray:
-        ...
 
 
 class ServerGenerator:
@@ -81,12 +74,12 @@ class LocalGenerator:
         from steer_train import sample
 
         self._sample = sample
-        self.generator = sample.load_generator(model_dir)
+        self.model = sample.load_local_model(model_dir)
         self.batch_size = batch_size
 
     def generate(self, requests: Sequence[tuple[str, Mapping[str, int]]], decoding: Decoding) -> list[str]:
         return self._sample.generate(
-            self.generator,
+            self.model,
             [q for q, _ in requests],
             [dict(a) for _, a in requests],
             max_new_tokens=decoding.max_tokens,
@@ -124,7 +117,7 @@ def sweep_values(schema: AttributeSchema, attribute: str, values: str | None) ->
 def steer_eval(
     prompts: Sequence[Prompt],
     gen_spec: SteerSpec,
-    scorer: Scorer,
+    scorer: RewardScorer,
     generator: Generator,
     attributes: Sequence[str],
     values: str | None = None,
@@ -221,23 +214,3 @@ def markdown(result: dict) -> str:
         + words
         + "\n"
     )
-
-
-def rm_eval(scorer: Scorer, conversations: Sequence, batch_size: int = 8) -> dict[str, dict]:
-    """Reward-model quality on labelled conversations (`steer_train.data.Conversation`): every assistant turn
-    with labels is one row, scored with its conversation up to that turn; rows answering the same prompt
-    (same question after the same earlier turns) form the groups for pairwise accuracy."""
-    schema = scorer.spec.schema
-    convs, labels, groups = [], [], []
-    for conv in conversations:
-        for i, turn in enumerate(conv.turns):
-            values = schema.parse(turn.labels)
-            if not values:
-                continue
-            convs.append((list(conv.turns[: i + 1]), conv.system))
-            labels.append([values.get(n, np.nan) for n in schema.names])
-            groups.append(json.dumps([[t.question, t.answer] for t in conv.turns[:i]] + [turn.question]))
-    if not convs:
-        raise ValueError("no labelled assistant turns to evaluate the reward model on")
-    scores = scorer.score([c for c, _ in convs], system=[s for _, s in convs], batch_size=batch_size)
-    return rm_quality(np.array(labels, dtype=float), scores, groups, schema.names)

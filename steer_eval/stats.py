@@ -1,4 +1,5 @@
-"""Statistics of steerability and reward-model quality (numpy only; no models here, so they test on planted data).
+"""Statistics of steerability (numpy only; no models here, so they test on planted data; reward-model
+quality is `steer_train.quality`).
 
 Steerability of one attribute: answers were generated with that attribute requested at each value of
 its scale (the others at their defaults) and measured by the reward model.
@@ -11,28 +12,19 @@ its scale (the others at their defaults) and measured by the reward model.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
+from steer_train.quality import undefined_correlation
+
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     """Spearman's rho; None when either side is constant, where it is undefined."""
-    if _degenerate(x, y):
+    if undefined_correlation(x, y):
         return None
     return float(stats.spearmanr(x, y).statistic)
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-    if _degenerate(x, y):
-        return None
-    return float(stats.pearsonr(x, y).statistic)
-
-
-def _degenerate(x: Sequence[float], y: Sequence[float]) -> bool:
-    return len(x) < 2 or np.ptp(np.asarray(x, dtype=float)) == 0 or np.ptp(np.asarray(y, dtype=float)) == 0
 
 
 def steerability(
@@ -81,52 +73,3 @@ def steerability(
         "side_effects": side,
         "max_side_effect": {"attribute": worst, "range": side[worst]["range"]} if worst else None,
     }
-
-
-def rm_quality(
-    labels: np.ndarray,
-    predictions: np.ndarray,
-    groups: Sequence[str],
-    names: Sequence[str],
-) -> dict[str, dict]:
-    """Per-attribute reward-model quality on labelled rows.
-
-    `labels` [n, n_attr] holds NaN where a label is missing; `predictions` [n, n_attr] raw scores;
-    `groups[i]` identifies the prompt of row i. Pairwise accuracy: over every two answers to the same
-    prompt whose labels differ, the share where the higher-labelled answer scores higher (a tie in
-    score counts half)."""
-    labels = np.asarray(labels, dtype=float)
-    predictions = np.asarray(predictions, dtype=float)
-    if labels.shape != predictions.shape or labels.shape[1] != len(names):
-        raise ValueError(f"labels {labels.shape} and predictions {predictions.shape} must both be [n, {len(names)}]")
-    groups = np.asarray(list(groups))
-    out: dict[str, dict] = {}
-    for j, name in enumerate(names):
-        present = ~np.isnan(labels[:, j])
-        y, p, g = labels[present, j], predictions[present, j], groups[present]
-        correct = pairs = 0.0
-        for group in np.unique(g):
-            idx = np.flatnonzero(g == group)
-            for a in range(len(idx)):
-                for b in range(a + 1, len(idx)):
-                    dy = y[idx[a]] - y[idx[b]]
-                    if dy == 0:
-                        continue
-                    dp = p[idx[a]] - p[idx[b]]
-                    pairs += 1
-                    correct += 1.0 if dp * dy > 0 else 0.5 if dp == 0 else 0.0
-        out[name] = {
-            "n": int(present.sum()),
-            "mae": float(np.abs(p - y).mean()) if len(y) else None,
-            "pearson": pearson(y, p),
-            "pairs": int(pairs),
-            "pairwise_accuracy": correct / pairs if pairs else None,
-        }
-    return out
-
-
-def fmt(x: float | None, digits: int = 2) -> str:
-    """A number for tables; undefined statistics print as n/a rather than a misleading 0."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{digits}f}"
