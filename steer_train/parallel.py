@@ -55,9 +55,9 @@ def wrap(model: torch.nn.Module, d: Dist, mode: str, bf16: bool) -> torch.nn.Mod
         return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if not dist.is_initialized():  # one process: FSDP2 still needs a process group (of one)
-        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", rank=0, world_size=1,
-                                init_method=f"file://{_rendezvous_file()}")
+    if not dist.is_initialized():  # one process: FSDP2 still needs a process group (of one, in-memory store)
+        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     classes = block_classes(model)
     if not classes:
@@ -67,15 +67,6 @@ def wrap(model: torch.nn.Module, d: Dist, mode: str, bf16: bool) -> torch.nn.Mod
             fully_shard(m, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
-
-
-def _rendezvous_file() -> str:
-    import tempfile
-
-    fd, path = tempfile.mkstemp(prefix="steerlm-pg-")
-    os.close(fd)
-    os.unlink(path)
-    return path
 
 
 def accumulate(net: torch.nn.Module, mode: str, last: bool) -> contextlib.AbstractContextManager:

@@ -74,6 +74,7 @@ def test_prepare_writes_pairs_split_by_the_files_split_column(tmp_path):
 
 
 def test_rm_with_scaled_bt_learns_planted_preferences(tiny_model, tmp_path):
+    """Also the reward model under FSDP2 in one process: sharded training, gathered reward-layout export."""
     from steer_train.config import RMConfig
     from steer_train.preference import write_pairs, read_helpsteer2_preference
     from steer_train.rm import train
@@ -84,7 +85,9 @@ def test_rm_with_scaled_bt_learns_planted_preferences(tiny_model, tmp_path):
         write_pairs(tmp_path / f"{name}.jsonl", read_helpsteer2_preference(src)[0])
     out = train(RMConfig(model=str(tiny_model), data=str(tmp_path / "train.jsonl"), val_data=str(tmp_path / "val.jsonl"),
                          out=str(tmp_path / "rm"), loss="scaled_bt", batch_size=8, lr=5e-3, epochs=4, warmup=2,
-                         max_length=128, progress=False, attribute_weights="helpfulness=1"))
+                         max_length=128, progress=False, attribute_weights="helpfulness=1", parallel="fsdp",
+                         device="cpu"))
     report = json.loads((out / "eval.json").read_text())
     assert report["pairs"] == 24 and report["accuracy"] >= 0.9, report
     assert json.loads((out / "steerlm.json").read_text())["attribute_weights"] == {"helpfulness": 1.0}
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["parallel"] == "fsdp"
