@@ -24,12 +24,13 @@ DTYPE ?= float16
 GPU ?= h100
 OUT ?=
 
-.PHONY: setup test serve demo eval engine tiny lock clean help
+.PHONY: setup test lint serve demo eval engine tiny lock clean help
 
 help:
 	@echo "make setup                 create .venv with everything a CPU machine needs (pinned)"
 	@echo "make demo                  the whole SteerLM method on CPU in ~10 minutes"
-	@echo "make test                  run the test suite"
+	@echo "make test                  lint, then run the test suite"
+	@echo "make lint                  ruff (rules in pyproject.toml)"
 	@echo "make tiny                  write a tiny random SteerLM checkpoint to runs/tiny"
 	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|trtllm ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT=]"
 	@echo "make engine MODEL=DIR TP=N DTYPE=float16|bfloat16|fp8 GPU=a100|h100 [OUT=DIR]"
@@ -52,8 +53,11 @@ lock:
 	/tmp/steerlm-lock/bin/pip install -q -r requirements.in
 	/tmp/steerlm-lock/bin/pip freeze | grep -v '^-e' > requirements.lock
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 tiny: $(STAMP)
 	$(PY) -m steer_train init-tiny --out runs/tiny

@@ -28,7 +28,6 @@ BEGIN, END = "<!-- convert_memory:begin -->", "<!-- convert_memory:end -->"
 
 def make_model(out: Path, hidden: int, layers: int, vocab: int) -> int:
     import torch
-
     from st_stream import StreamingWriter
 
     heads, kv, inter = hidden // 64, max(hidden // 256, 1), hidden * 4
@@ -54,9 +53,8 @@ def make_model(out: Path, hidden: int, layers: int, vocab: int) -> int:
 
 def child(mode: str, model: str, out: str, tp: int) -> None:
     import torch  # noqa: F401  (every mode pays for the same imports)
-    from safetensors.torch import load_file, save_file
-
     from convert_checkpoint import convert
+    from safetensors.torch import load_file, save_file
     from trtllm_ckpt import LlamaDims, rank_units
 
     if mode == "stream":

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-
 from convert_checkpoint import convert, copy_sidecars
 from trtllm_ckpt import FormatError, LlamaDims, check_tp
 

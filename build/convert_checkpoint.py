@@ -17,11 +17,11 @@ from pathlib import Path
 
 import click
 import torch
+from st_stream import CheckpointReader, StreamingWriter
 from tqdm import tqdm
+from trtllm_ckpt import DTYPES, FormatError, Fp8Stats, LlamaDims, check_tp, rank_units, trtllm_config
 
 from steerlm.files import staged_dir
-from st_stream import CheckpointReader, StreamingWriter
-from trtllm_ckpt import DTYPES, FormatError, Fp8Stats, LlamaDims, check_tp, rank_units, trtllm_config
 
 DTYPE_CHOICES = ("float16", "bfloat16", "float32", "fp8")
 # Files the serving side reads from the checkpoint directory (tokenizer and the SteerLM spec).

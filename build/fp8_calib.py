@@ -14,7 +14,6 @@ import os
 from typing import Callable
 
 import torch
-
 from sample_prompts import sample_token_ids
 from trtllm_ckpt import Fp8Stats
 

@@ -31,9 +31,9 @@ from typing import Callable, Iterator, Mapping
 import click
 import torch
 import yaml
+from st_stream import StreamingWriter
 
 from steerlm.files import staged_dir
-from st_stream import StreamingWriter
 
 PRECISIONS = {"16": torch.float16, "16-mixed": torch.float16, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
               "32": torch.float32, "32-true": torch.float32}

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-
 from trtllm_ckpt import DTYPES, FormatError, kv_heads_per_rank, load_config, quantize_fp8
 
 

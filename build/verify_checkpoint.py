@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import click
 import torch
-
 from sample_prompts import sample_token_ids
 from trtllm_ckpt import FormatError, load_config
 from trtllm_reference import TrtllmReference

@@ -61,7 +61,7 @@ class DemoConfig:
     eval_max_tokens: int = 128
     ask_max_tokens: int = 128
     # Greedy, as `eval` decodes by default: the measured steer is then the model's, not the sampler's
-    # (sampled at temperature 0.8 the same model scored 0.38 instead of 0.47; docs/eval.md, "Measured").
+    # (the shipped demo model: Spearman 0.69 greedy, 0.62 sampled at temperature 0.8; docs/eval.md, "Measured").
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -174,8 +174,8 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
             echo(f"    {kind}: {path} ({sum(1 for _ in open(path))} lines)")
 
     def build_bases() -> None:
-        from steer_train.data import load_jsonl
         from steer_eval.demo_data import DEMO_SCHEMA, corpus_texts
+        from steer_train.data import load_jsonl
 
         corpus = corpus_texts(load_jsonl(train, DEMO_SCHEMA) + load_jsonl(val, DEMO_SCHEMA))
         init_base(base, corpus, cfg.hidden_size, cfg.layers, cfg.vocab_size, cfg.seed)
@@ -183,7 +183,8 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
         echo(f"    generator base: {base}; reward-model backbone: {rm_base}")
 
     def train_rm() -> None:
-        from steer_train.rm import RMConfig, train as train_reward_model
+        from steer_train.rm import RMConfig
+        from steer_train.rm import train as train_reward_model
 
         shutil.rmtree(rm, ignore_errors=True)
         train_reward_model(RMConfig(model=str(rm_base), data=str(train), val_data=str(val), out=str(rm),
@@ -209,7 +210,8 @@ def demo_stages(work: Path, cfg: DemoConfig, echo: Callable[[str], None]) -> lis
         echo(f"    annotated {counts}")
 
     def train_sft() -> None:
-        from steer_train.sft import SFTConfig, train as sft_train
+        from steer_train.sft import SFTConfig
+        from steer_train.sft import train as sft_train
 
         shutil.rmtree(sft, ignore_errors=True)
         sft_train(SFTConfig(model=str(base), data=str(annotated), out=str(sft), seq_len=cfg.seq_len,

@@ -25,10 +25,10 @@ import random
 import re
 from pathlib import Path
 
-from steer_train.data import Conversation, split, write_jsonl
 from steer_eval.prompts import mtbench_questions, mtbench_reference_pairs, sharegpt_conversations
-from steerlm.files import write_atomic
 from steer_eval.weak_labels import VERBOSITY_WORD_EDGES, verbosity_label, weak_labels, word_count
+from steer_train.data import Conversation, split, write_jsonl
+from steerlm.files import write_atomic
 from steerlm.schema import Attribute, AttributeSchema
 from steerlm.spec import SteerSpec
 from steerlm.template import Turn

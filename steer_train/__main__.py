@@ -24,8 +24,8 @@ def cli() -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed for the random weights.")
 def init_tiny_cmd(out: str, preset: str, hidden_size: int, layers: int, seed: int) -> None:
     """Write a tiny random SteerLM checkpoint (tokenizer with control tokens, Llama weights, schema)."""
-    from steerlm.spec import SteerSpec
     from steer_train.tiny import init_tiny
+    from steerlm.spec import SteerSpec
 
     path = init_tiny(out, SteerSpec.preset(preset), hidden_size=hidden_size, layers=layers, seed=seed)
     click.echo(f"wrote tiny SteerLM checkpoint to {path}")

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 from steer_train.data import Conversation, load_jsonl, write_jsonl
-from steerlm.files import write_atomic
 from steer_train.sample import generate, load_local_model
 from steer_train.sft import SFTConfig, train
+from steerlm.files import write_atomic
 from steerlm.reward import load_reward_model
 from steerlm.template import Turn
 

@@ -1,6 +1,6 @@
 """Conversation data: readers for the public SteerLM data sets and the NeMo-Aligner conversation JSONL.
 
-Every reader yields `Conversation`s; `write_jsonl` writes them in the NeMo-Aligner schema (REFERENCE section 1)
+Every reader yields `Conversation`s; `write_jsonl` writes them in the NeMo-Aligner schema (docs/user-guide/steerlm.rst)
 plus an `id` field that annotation uses to resume. Label strings are validated against the schema and kept
 partial: only the attributes a source actually rated are written ("keep only present attributes").
 """

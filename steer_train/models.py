@@ -7,8 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from steerlm.spec import SteerSpec, load_spec, save_spec
 
 

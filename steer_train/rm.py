@@ -18,20 +18,35 @@ from typing import Sequence
 
 import torch
 
+from steer_train import parallel
 from steer_train.checkpoint import SaveSchedule
 from steer_train.config import RMConfig
-from steer_train.loop import all_sum, autocast, barrier, cosine_factor, epoch_order, init_dist, on_gpu_unless_set, seed_all
-from steer_train.metrics import Metrics, plot_losses
-from steer_train import parallel
 from steer_train.control_tokens import add_control_tokens, describe
+from steer_train.data import Conversation, load_jsonl
+from steer_train.loop import (
+    all_sum,
+    autocast,
+    barrier,
+    cosine_factor,
+    epoch_order,
+    init_dist,
+    on_gpu_unless_set,
+    seed_all,
+)
 from steer_train.lora import apply_lora, lora_settings, merge, save_adapter, trainable_count
+from steer_train.metrics import Metrics, plot_losses
 from steer_train.models import base_spec
 from steer_train.preference import BT_LOSSES, bt_loss, load_pairs
 from steer_train.quality import rm_eval, rm_table
-from steer_train.data import Conversation, load_jsonl
 from steerlm.files import write_json
 from steerlm.reward import (
-    HEAD_FILE, RewardModel, RewardScorer, default_pooling, pad_batch, parse_attribute_weights, save_reward_model,
+    HEAD_FILE,
+    RewardModel,
+    RewardScorer,
+    default_pooling,
+    pad_batch,
+    parse_attribute_weights,
+    save_reward_model,
 )
 from steerlm.spec import SteerSpec
 

@@ -1,7 +1,7 @@
 """Attribute-conditioned SFT (SteerLM step 3), a plain loop readable top to bottom.
 
 Each conversation becomes the SFT sequence of `template.segments(train=True)`; the loss covers only the
-answer text, its newline and the following `<extra_id_1>` (REFERENCE section 1). Samples are packed into
+answer text, its newline and the following `<extra_id_1>` (NeMo-Aligner's SteerLM SFT masking). Samples are packed into
 fixed-length blocks; a block-diagonal causal mask and per-sample position ids keep packed samples from
 seeing each other. One optimizer step consumes `global_batch = micro_batch * grad_accum * world` blocks in
 an order fixed by the seed, so 1 process and N torchrun processes take the same steps, and a resumed run
@@ -19,15 +19,25 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from steer_train import parallel
 from steer_train.checkpoint import SaveSchedule
 from steer_train.config import SFTConfig
-from steer_train.loop import Dist, all_sum, autocast, barrier, cosine_factor, epoch_order, init_dist, on_gpu_unless_set, seed_all
-from steer_train.metrics import Metrics, plot_losses
 from steer_train.control_tokens import add_control_tokens, describe
-from steer_train.lora import apply_lora, lora_settings, merge, save_adapter, trainable_count
-from steer_train.models import base_spec, save_generator
-from steer_train import parallel
 from steer_train.data import Conversation, load_jsonl
+from steer_train.loop import (
+    Dist,
+    all_sum,
+    autocast,
+    barrier,
+    cosine_factor,
+    epoch_order,
+    init_dist,
+    on_gpu_unless_set,
+    seed_all,
+)
+from steer_train.lora import apply_lora, lora_settings, merge, save_adapter, trainable_count
+from steer_train.metrics import Metrics, plot_losses
+from steer_train.models import base_spec, save_generator
 from steerlm.template import PromptTemplate, Segment, Turn
 from steerlm.tokenize import encode_segments
 

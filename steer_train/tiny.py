@@ -5,7 +5,6 @@ It is what tests and first runs serve and convert; nonsense answers are expected
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from steerlm.spec import SteerSpec, save_spec

@@ -5,8 +5,8 @@ This package is the single source of truth shared by training (`steer_train`), s
 """
 
 from steerlm.schema import Attribute, AttributeSchema, SchemaError
-from steerlm.template import PromptTemplate, Turn
 from steerlm.spec import SteerSpec, load_spec, save_spec
+from steerlm.template import PromptTemplate, Turn
 
 __all__ = [
     "Attribute",

@@ -1,7 +1,7 @@
 """The attribute-prediction (reward) model: one code path for rendering, tokenizing, pooling and the head.
 
 Training (`steer_train rm`), local annotation and the Triton `reward_model` all score through this module,
-so a conversation gets the same token ids and the same scores everywhere (REFERENCE section 2: upstream
+so a conversation gets the same token ids and the same scores everywhere (upstream,
 scores drifted between training and serving because BOS/EOS handling differed).
 
 Checkpoint layout (a directory): the backbone saved with `save_pretrained` (config.json, model.safetensors),
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from steerlm.spec import SteerSpec, load_spec, save_spec
 from steerlm.schema import AttributeSchema
+from steerlm.spec import SteerSpec, load_spec, save_spec
 from steerlm.template import PromptTemplate, Turn
 from steerlm.tokenize import encode_segments, load_tokenizer
 

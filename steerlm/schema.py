@@ -42,7 +42,8 @@ class Attribute:
         return value
 
     def clamp_round(self, score: float) -> int:
-        """Turn a predicted score into a label value: clamp to the range, then round (REFERENCE section 2)."""
+        """Turn a predicted score into a label value: clamp to the range, then round (as NeMo-Aligner's
+attribute annotation does, docs/user-guide/steerlm.rst)."""
         return int(round(min(max(float(score), self.min), self.max)))
 
 

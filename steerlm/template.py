@@ -1,6 +1,7 @@
 """The SteerLM prompt template, as data.
 
-A template is a handful of format strings (REFERENCE section 1). Rendering produces *segments*:
+A template is a handful of format strings (the SteerLM format of NVIDIA/NeMo-Aligner
+docs/user-guide/steerlm.rst and the Llama2-70B-SteerLM-Chat model card). Rendering produces *segments*:
 literal template text, which may contain control tokens such as `<extra_id_1>`, and user-supplied
 text, which must never turn into control tokens. `steerlm.tokenize` encodes the two kinds
 differently; `render()` joins them into the exact prompt string.
@@ -8,7 +9,7 @@ differently; `render()` joins them into the exact prompt string.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 DEFAULT_SYSTEM = (

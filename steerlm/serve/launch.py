@@ -1,4 +1,5 @@
-"""Command lines for NVIDIA's tritonserver with the TensorRT-LLM backend (REFERENCE section 4).
+"""Command lines for NVIDIA's tritonserver with the TensorRT-LLM backend (the layout of NVIDIA/TensorRT-LLM
+triton_backend/all_models/inflight_batcher_llm).
 
 One tritonserver process per tensor-parallel rank under mpirun; rank 0 serves every model, the other ranks
 load only `tensorrt_llm`. Each rank gets its own python backend shared-memory prefix."""

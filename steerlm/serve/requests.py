@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from steerlm.schema import SchemaError
-from steerlm.spec import load_spec
 from steerlm.serve.textstream import answer_stop_strings
+from steerlm.spec import load_spec
 from steerlm.tokenize import encode_segments, load_tokenizer
 
 

@@ -1,4 +1,5 @@
-"""Launch the real `tritonserver` bundled in the nvidia-pytriton wheel (REFERENCE section 5).
+"""Launch the real `tritonserver` bundled in the nvidia-pytriton 0.7.0 wheel (tritonserver
+2.51.0 with the python backend and the ensemble scheduler; it runs on CPU).
 
 What a direct launch needs, each seen failing without it: a backend directory whose `python/` holds symlinks
 (not copies: the stub finds its bundled libraries next to its real location) to the python backend and to the

@@ -7,11 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from click.testing import CliRunner
-
 import build_engine
+import pytest
 from build_engine import EXIT_BAD_REQUEST, EXIT_NO_TENSORRT_LLM, BuildPlan
+from click.testing import CliRunner
 from trtllm_ckpt import FormatError, LlamaDims, check_tp
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import convert_checkpoint
 import pytest
 import torch
+from convert_checkpoint import convert
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-import convert_checkpoint
-from convert_checkpoint import convert
 from trtllm_ckpt import FormatError
 from verify_checkpoint import TOLERANCES, verify
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from nemo_to_hf import NemoError, nemo_to_hf
 from safetensors.torch import load_file
 
 from .nemo_files import VOCAB_DIVISOR, write_nemo
-from nemo_to_hf import NemoError, nemo_to_hf
 
 
 def assert_same_weights(original, imported):

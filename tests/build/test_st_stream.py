@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
 from st_stream import CheckpointReader, StreamingWriter
 
 

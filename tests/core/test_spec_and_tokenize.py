@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from steerlm.spec import SPEC_FILE, SteerSpec, load_spec, save_spec
 from steerlm.schema import SchemaError
+from steerlm.spec import SPEC_FILE, SteerSpec, load_spec, save_spec
 from steerlm.template import Turn
 from steerlm.tokenize import control_ids, encode_prompt, encode_segments, load_tokenizer
 

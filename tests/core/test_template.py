@@ -1,4 +1,4 @@
-"""The SteerLM prompt, byte for byte as REFERENCE section 1 and the public model cards give it."""
+"""The SteerLM prompt, byte for byte as NVIDIA/NeMo-Aligner docs/user-guide/steerlm.rst and the public model cards give it."""
 
 from __future__ import annotations
 

@@ -13,8 +13,7 @@ from click.testing import CliRunner
 
 from steer_train.__main__ import cli
 from steerlm.schema import STEERLM_13B
-
-from ..train.traindata import length_rows, write_conversations
+from tests.train.traindata import length_rows, write_conversations
 
 
 def run_cli(args: list) -> None:

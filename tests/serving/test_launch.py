@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from steerlm_client import SteerClient
+from steerlm_client import SteerClient, SteerError
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "Where and when did techno music originate?"
@@ -59,7 +59,7 @@ def test_serve_command_streams_answers_to_the_cli_client_and_stops_on_ctrl_c(tin
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)
     assert code == 0
-    with pytest.raises(Exception):
+    with pytest.raises(SteerError):  # the server is gone: "cannot reach ..."
         SteerClient(http_url, "http", timeout=5).generate(QUESTION, max_tokens=1)
 
 

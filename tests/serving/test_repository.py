@@ -13,7 +13,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from steerlm.serve import RenderError, render_repository
 
-# REFERENCE section 4: the `tensorrt_llm` tensors the C++ backend reads and writes (name: dtype, dims).
+# The tensors the C++ backend reads and writes, name: (dtype, dims) (NVIDIA/TensorRT-LLM
+# triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt).
 GENERATOR_INPUTS = {
     "input_ids": ("TYPE_INT32", [-1]), "input_lengths": ("TYPE_INT32", [1]),
     "request_output_len": ("TYPE_INT32", [1]), "end_id": ("TYPE_INT32", [1]), "pad_id": ("TYPE_INT32", [1]),

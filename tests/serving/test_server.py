@@ -14,7 +14,8 @@ from steerlm_client import SteerClient, SteerError
 QUESTION = "Where and when did techno music originate?"
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions.")
-# REFERENCE section 1, written out by hand (HelpSteer order; attributes left out take the model's defaults).
+# The SteerLM format (NVIDIA/NeMo-Aligner docs/user-guide/steerlm.rst) written out by hand
+# (HelpSteer order; attributes left out take the model's defaults).
 PROMPT = (
     "<extra_id_0>System\n" + SYSTEM + "\n"
     "<extra_id_1>User\n" + QUESTION + "\n"
@@ -128,6 +129,7 @@ def test_bad_request_fails_alone_with_a_clear_error(client, kwargs, pattern):
 
 def test_missing_max_tokens_is_named(server):
     import tritonclient.grpc as grpcclient
+
     from steerlm_client.client import _grpc_input
 
     errors = []

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-# Test modules here import the data helpers as `traindata`, the way tests/conftest.py exposes build/.
-sys.path.insert(0, str(Path(__file__).parent))
-
-from traindata import length_rows, steer_rows, write_conversations  # noqa: E402
+from tests.train.traindata import length_rows, steer_rows, write_conversations
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,7 @@ from steer_train.__main__ import cli
 from steer_train.annotate import annotate
 from steerlm.reward import load_reward_model
 from steerlm.template import Turn
-
-from traindata import length_rows, write_conversations
+from tests.train.traindata import length_rows, write_conversations
 
 
 def two_turn_file(path, n):

@@ -76,7 +76,7 @@ def test_prepare_writes_pairs_split_by_the_files_split_column(tmp_path):
 def test_rm_with_scaled_bt_learns_planted_preferences(tiny_model, tmp_path):
     """Also the reward model under FSDP2 in one process: sharded training, gathered reward-layout export."""
     from steer_train.config import RMConfig
-    from steer_train.preference import write_pairs, read_helpsteer2_preference
+    from steer_train.preference import read_helpsteer2_preference, write_pairs
     from steer_train.rm import train
 
     for name, rows in (("train", planted_rows(48, 2, "train")), ("val", planted_rows(24, 3, "validation"))):

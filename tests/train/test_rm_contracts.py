@@ -18,13 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from steerlm.reward import load_reward_model, nemo_rm_text, pad_batch, parse_nemo_rm_text, parse_attribute_weights
+from steerlm.reward import load_reward_model, nemo_rm_text, pad_batch, parse_attribute_weights, parse_nemo_rm_text
 from steerlm.serve import TritonServer
 from steerlm.spec import SteerSpec, load_spec, save_spec
 from steerlm.template import Turn
 from steerlm_client import SteerClient
-
-from traindata import write_conversations
+from tests.train.traindata import write_conversations
 
 TURNS = [Turn("Where did techno originate?", "In Detroit, in the 1980s."), Turn("Who started it?", "The Belleville Three.")]
 SYSTEM = "Be brief."

@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 from steer_train.config import SFTConfig
 from steer_train.sft import train
 from steerlm.schema import HELPSTEER
-
-from traindata import steer_rows, write_conversations
+from tests.train.traindata import steer_rows, write_conversations
 
 STEPS = 20
 SFT_ARGS = ["--seq-len", "192", "--micro-batch", "1", "--lr", "3e-3", "--max-steps", str(STEPS), "--warmup", "2",

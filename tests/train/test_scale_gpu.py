@@ -15,8 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_bf16_fsdp2_with_activation_checkpointing_trains_on_cuda(tiny_model, tmp_path):
     from steer_train.config import SFTConfig
     from steer_train.sft import train
-
-    from traindata import steer_rows, write_conversations
+    from tests.train.traindata import steer_rows, write_conversations
 
     data = write_conversations(tmp_path / "data.jsonl", steer_rows(32))
     out = train(SFTConfig(model=str(tiny_model), data=str(data), out=str(tmp_path / "out"), seq_len=256, micro_batch=4,

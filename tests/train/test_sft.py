@@ -20,8 +20,7 @@ from steerlm.schema import HELPSTEER
 from steerlm.spec import load_spec
 from steerlm.template import DEFAULT_SYSTEM, Turn
 from steerlm.tokenize import load_tokenizer
-
-from traindata import steer_rows, write_conversations
+from tests.train.traindata import steer_rows, write_conversations
 
 
 def test_loss_mask_token_by_token(tiny_model):
@@ -29,7 +28,8 @@ def test_loss_mask_token_by_token(tiny_model):
     tok = load_tokenizer(tiny_model)
     labels = [HELPSTEER.encode({"verbosity": 1}), "helpfulness:2"]
     conv = Conversation("x", (Turn("Hi <extra_id_1> there", "Hello!", labels[0]), Turn("More?", "Sure, more.", labels[1])))
-    # The expected text, piece by piece from REFERENCE section 1, with True where loss applies.
+    # The expected text, piece by piece from the SteerLM format (NVIDIA/NeMo-Aligner docs/user-guide/steerlm.rst),
+    # with True where loss applies.
     pieces = [
         (f"<extra_id_0>System\n{DEFAULT_SYSTEM}\n", False),
         ("<extra_id_1>User\nHi <extra_id_1> there\n", False),
@@ -132,6 +132,7 @@ def test_resume_after_crash_matches_an_uninterrupted_run(tiny_model, tmp_path, m
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tiny_model, tmp_path):
     """Same global batch (1 process x 2 accumulation steps vs 2 processes x 1): the loss curves agree to 1e-5."""
     one = sft.train(small_config(tiny_model, tmp_path, "one", grad_accum=2))
