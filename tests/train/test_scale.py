@@ -65,6 +65,7 @@ def fsdp_two(tiny_model, data) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_match_one_process(one_process, fsdp_two):
     start = json.loads((fsdp_two / "metrics.jsonl").read_text().splitlines()[0])
     assert (start["world"], start["parallel"]) == (2, "fsdp")
@@ -77,6 +78,7 @@ def test_fsdp2_two_processes_match_one_process(one_process, fsdp_two):
     assert json.loads((fsdp_two / "steerlm.json").read_text())["kind"] == "generator"
 
 
+@pytest.mark.slow
 def test_fsdp2_killed_and_resumed_equals_uninterrupted(tiny_model, data, one_process):
     out = data.parent / "killed"
     cmd = torchrun(["sft", "--model", str(tiny_model), "--data", str(data), "--out", str(out), "--grad-accum", "1",
@@ -147,6 +149,7 @@ def lora_run(tmp_path_factory) -> tuple[Path, Path]:
     return base, out
 
 
+@pytest.mark.slow
 def test_added_control_tokens_get_distinct_rows_near_their_chat_counterparts(lora_run):
     from transformers import AutoTokenizer
 
@@ -164,6 +167,7 @@ def test_added_control_tokens_get_distinct_rows_near_their_chat_counterparts(lor
         assert not torch.equal(end, rows["<|im_end|>"])
 
 
+@pytest.mark.slow
 def test_lora_with_frozen_embeddings_learns_the_signal_and_to_stop(lora_run):
     from steer_train.sample import generate
 
@@ -181,6 +185,7 @@ def test_lora_with_frozen_embeddings_learns_the_signal_and_to_stop(lora_run):
     assert all(set(a.split()) == {"la"} and 3 <= len(a.split()) <= 16 for a in long), long
 
 
+@pytest.mark.slow
 def test_merged_lora_checkpoint_is_served_with_the_local_greedy_answer(lora_run):
     from steer_train.sample import generate
     from steerlm.serve import TritonServer
