@@ -17,8 +17,9 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from steer_train.data import Conversation, jsonl_line, load_jsonl
+from steerlm.reward import nemo_rm_text
 from steerlm.schema import AttributeSchema
-from steerlm.template import Turn
+from steerlm.template import PromptTemplate, Turn
 
 
 class Scorer(Protocol):
@@ -28,22 +29,38 @@ class Scorer(Protocol):
     def score(self, conversations: Sequence[Sequence[Turn]], system=None, batch_size: int = 8) -> np.ndarray: ...
 
 
-class TritonScorer:
-    """The Triton `reward_model` contract: `conversation` STRING [1] (JSON) in, `scores` FP32 [-1] out."""
+CONTRACTS = ("steerlm", "nemo")
 
-    def __init__(self, url: str, concurrency: int = 8, model_name: str = "reward_model"):
+
+class TritonScorer:
+    """A Triton reward server, by either contract (steerlm.reward module doc):
+    `steerlm`: `conversation` JSON [1, 1] in, `scores` [1, n_attr] out (this package's `reward_model`);
+    `nemo`: `sentences` [1, 1] in (the text NeMo-Aligner's attribute_annotate.py sends), `rewards` out
+    (NeMo-Aligner's serve_reward_model.py, and this package's `reward_model` too)."""
+
+    def __init__(self, url: str, concurrency: int = 8, model_name: str = "reward_model", contract: str = "steerlm",
+                 template: PromptTemplate | None = None):
         import tritonclient.http as httpclient
 
+        if contract not in CONTRACTS:
+            raise ValueError(f"contract {contract!r} must be one of {', '.join(CONTRACTS)}")
         self.url = url.split("://", 1)[-1]
         self.model_name = model_name
+        self.contract = contract
+        self.template = template or PromptTemplate()
+        self._output = "scores" if contract == "steerlm" else "rewards"
         self._client = httpclient.InferenceServerClient(self.url, concurrency=concurrency)
         self._http = httpclient
 
     def _request(self, turns: Sequence[Turn], system: str | None):
-        payload = {"system": system, "turns": [{"question": t.question, "answer": t.answer} for t in turns]}
-        inp = self._http.InferInput("conversation", [1], "BYTES")
-        inp.set_data_from_numpy(np.array([json.dumps(payload).encode()], dtype=object))
-        return self._client.async_infer(self.model_name, [inp], outputs=[self._http.InferRequestedOutput("scores")])
+        if self.contract == "steerlm":
+            payload = {"system": system, "turns": [{"question": t.question, "answer": t.answer} for t in turns]}
+            name, text = "conversation", json.dumps(payload)
+        else:
+            name, text = "sentences", nemo_rm_text(self.template, turns, system)
+        inp = self._http.InferInput(name, [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+        return self._client.async_infer(self.model_name, [inp], outputs=[self._http.InferRequestedOutput(self._output)])
 
     def score(self, conversations, system=None, batch_size: int = 8) -> np.ndarray:
         """All requests go out at once; the client keeps `concurrency` of them in flight."""
@@ -51,9 +68,9 @@ class TritonScorer:
         pending = [self._request(c, s) for c, s in zip(conversations, systems)]
         rows = []
         for request in pending:
-            scores = request.get_result().as_numpy("scores")
+            scores = request.get_result().as_numpy(self._output)
             if scores is None:
-                raise RuntimeError(f"{self.model_name} at {self.url} returned no 'scores' output")
+                raise RuntimeError(f"{self.model_name} at {self.url} returned no {self._output!r} output")
             rows.append(np.asarray(scores, dtype=np.float32).reshape(-1))
         return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 

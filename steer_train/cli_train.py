@@ -1,4 +1,5 @@
-"""Click commands registered on `python -m steer_train`: prepare, rm, annotate, sft, bootstrap, import-gguf."""
+"""Click commands registered on `python -m steer_train`: prepare, rm, annotate, sft, bootstrap, import-gguf,
+init-base."""
 
 from __future__ import annotations
 
@@ -81,10 +82,12 @@ def config_options(cls: type):
 @command("prepare")
 @click.option("--input", "inputs", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="Data file (repeatable): HelpSteer/HelpSteer2 CSV or JSONL, OpenAssistant trees or messages JSONL, "
-                   "NeMo-Aligner conversation JSONL; .parquet needs pandas.")
+                   "NeMo-Aligner conversation JSONL, HelpSteer2-Preference (preference pairs); .parquet needs pandas.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for train.jsonl and val.jsonl.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "helpsteer", "oasst", "nemo"]), default="auto", show_default=True,
-              help="Input format; auto looks at the first row.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "helpsteer", "oasst", "nemo", "helpsteer2-preference"]),
+              default="auto", show_default=True,
+              help="Input format; auto looks at the first row. helpsteer2-preference writes preference pairs for "
+                   "`rm --loss regular_bt|margin_bt|scaled_bt`, split by the file's own `split` column when present.")
 @schema_option
 @click.option("--val-fraction", type=float, default=0.05, show_default=True, help="Share of prompts for validation.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/validation split.")
@@ -93,7 +96,10 @@ def config_options(cls: type):
 def prepare_cmd(inputs, out, fmt, preset, val_fraction, seed, lang, skip_invalid):
     """Read public SteerLM data sets and write NeMo-Aligner conversation JSONL with a seeded train/val split."""
     from steer_train.data import read_conversations, split, split_warning, write_jsonl
+    from steer_train.preference import first_row_is_preference
 
+    if fmt == "helpsteer2-preference" or (fmt == "auto" and all(first_row_is_preference(p) for p in inputs)):
+        return _prepare_pairs(inputs, out, val_fraction, seed, skip_invalid)
     schema = PRESETS[preset or "helpsteer"]
     convs, seen = [], set()
     for path in inputs:
@@ -115,20 +121,38 @@ def prepare_cmd(inputs, out, fmt, preset, val_fraction, seed, lang, skip_invalid
     click.echo(f"wrote {out}/train.jsonl ({n_train}) and {out}/val.jsonl ({n_val})")
 
 
+def _prepare_pairs(inputs, out, val_fraction, seed, skip_invalid) -> None:
+    from steer_train.preference import read_helpsteer2_preference, split_pairs, write_pairs
+
+    pairs, splits = [], []
+    for path in inputs:
+        got, got_splits, skipped = read_helpsteer2_preference(path, skip_invalid=skip_invalid)
+        pairs += got
+        splits += got_splits
+        click.echo(f"{path}: {len(got)} preference pairs" + (f", {skipped} invalid rows skipped" if skip_invalid else ""))
+    if not pairs:
+        raise click.ClickException("no preference pairs read")
+    train, val = split_pairs(pairs, splits, val_fraction, seed)
+    n_train, n_val = write_pairs(Path(out) / "train.jsonl", train), write_pairs(Path(out) / "val.jsonl", val)
+    click.echo(f"wrote preference pairs {out}/train.jsonl ({n_train}) and {out}/val.jsonl ({n_val})")
+
+
 # ---------------------------------------------------------------- rm
 
 
 @command("rm")
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
               help="Backbone: a causal LM (last-token pooling) or an encoder such as MiniLM (mean pooling).")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled conversation JSONL.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Labelled conversation JSONL (preference pairs from `prepare` with a --loss *_bt).")
 @click.option("--val-data", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Held-out conversation JSONL: per-attribute MAE and Pearson r are reported on it.")
+              help="Held-out data of the same kind: per-attribute MAE and Pearson r (or pair accuracy) are reported on it.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Reward model checkpoint directory.")
 @schema_option
 @config_options(RMConfig)
 def rm_cmd(preset, **kw):
-    """Train the attribute-prediction (reward) model: backbone + linear head, masked MSE over present labels."""
+    """Train the attribute-prediction (reward) model: backbone + linear head, masked MSE over present labels
+    (or a Bradley-Terry loss on preference pairs with --loss *_bt)."""
     from steer_train.rm import train
 
     train(RMConfig(schema=preset, **kw))
@@ -142,15 +166,21 @@ def rm_cmd(preset, **kw):
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Annotated JSONL; OUT.partial holds progress until it is complete.")
 @click.option("--reward-model", type=click.Path(exists=True, file_okay=False), default=None, help="Local reward model directory.")
-@click.option("--server", default=None, help="Triton HTTP address serving `reward_model`, e.g. 127.0.0.1:8000.")
+@click.option("--server", default=None, help="Triton HTTP address of a reward server, e.g. 127.0.0.1:8000.")
+@click.option("--contract", type=click.Choice(["steerlm", "nemo"]), default="steerlm", show_default=True,
+              help="With --server: steerlm (`conversation` JSON -> `scores`, this package's reward_model) or nemo "
+                   "(`sentences` text -> `rewards`, NeMo-Aligner's serve_reward_model.py; this package's server answers it too).")
+@click.option("--model-name", default="reward_model", show_default=True, help="With --server: the Triton model name.")
 @schema_option
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Conversations per batch (written and fsynced together).")
 @click.option("--concurrency", type=int, default=8, show_default=True, help="Parallel requests with --server.")
 @click.option("--device", default="cpu", show_default=True, help="Device for a local reward model.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def annotate_cmd(input_path, out, reward_model, server, preset, batch_size, concurrency, device, no_progress):
+def annotate_cmd(input_path, out, reward_model, server, contract, model_name, preset, batch_size, concurrency, device,
+                 no_progress):
     """Label every assistant turn with a reward model (clamped, rounded); rerun to resume after a crash."""
     from steer_train.annotate import TritonScorer, annotate
+    from steerlm.spec import SteerSpec
 
     if (reward_model is None) == (server is None):
         raise click.UsageError("give exactly one of --reward-model DIR or --server URL")
@@ -162,8 +192,9 @@ def annotate_cmd(input_path, out, reward_model, server, preset, batch_size, conc
         if preset and PRESETS[preset] != schema:
             raise click.UsageError(f"--schema {preset} differs from the reward model's attributes {schema.names}")
     else:
-        scorer = TritonScorer(server, concurrency)
-        schema = PRESETS[preset or "helpsteer"]
+        spec = SteerSpec.preset(preset or "helpsteer")
+        scorer = TritonScorer(server, concurrency, model_name, contract, spec.template)
+        schema = spec.schema
     counts = annotate(input_path, out, scorer, schema, batch_size, progress=not no_progress)
     click.echo(f"annotated {counts['conversations']} conversations ({counts['turns']} turns); "
                f"{counts['skipped_done']} were already done; wrote {out}")
@@ -232,3 +263,16 @@ def import_gguf_cmd(gguf, out, preset):
 
     click.echo(f"wrote {import_gguf(gguf, out, preset)}")
 
+
+
+@command("init-base")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Any Hugging Face causal LM directory (Llama-3, Qwen, SmolLM2, ...).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output SteerLM base directory.")
+@click.option("--schema", "preset", type=click.Choice(sorted(PRESETS)), default="helpsteer", show_default=True)
+def init_base_cmd(model, out, preset):
+    """Make a SteerLM base from a Hugging Face model: control tokens with distinct starting embeddings (copied
+    from the base's own chat tokens where it has them), the SteerLM chat template and steerlm.json."""
+    from steer_train.control_tokens import init_base
+
+    click.echo(f"wrote {init_base(model, out, preset)}")

@@ -38,6 +38,17 @@ class TrainConfig:
     grad_ckpt: bool | None = setting(None, "Gradient checkpointing (default: on GPU only).")
     device: str | None = setting(None, "cpu or cuda (default: cuda when available).")
     progress: bool = setting(True, "Progress bar.")
+    parallel: str = setting("auto", "Data parallelism under torchrun: ddp (whole model per process, small models), "
+                            "fsdp (FSDP2: parameters, gradients and optimizer state sharded); auto: ddp.",
+                            choices=("auto", "ddp", "fsdp"))
+    lora: bool = setting(False, "Train LoRA adapters (peft) instead of all weights; saved in OUT/adapter.")
+    lora_r: int = setting(16, "LoRA rank.")
+    lora_alpha: int = setting(32, "LoRA alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = setting(0.0, "Dropout on the LoRA input.")
+    lora_targets: str = setting("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                "Comma-separated names of the linear layers that get adapters.")
+    merge: bool = setting(False, "With --lora: also fold the adapter into the base and write OUT as an ordinary "
+                          "checkpoint that serving and `make engine` read.")
     save_every: int = setting(0, "Also checkpoint every N optimizer steps and at the last (0: by time only).")
     save_minutes: float = setting(30.0, "Checkpoint when this many minutes have passed since the last one, so a "
                                         "killed run resumes from there (0: off).")
@@ -58,3 +69,10 @@ class RMConfig(TrainConfig):
     max_length: int = setting(1024, "Tokens kept per conversation (its end).")
     batch_size: int = setting(8, "Conversations per micro batch and process.")
     head_lr: float | None = setting(None, "Learning rate of the new linear head (default 10x --lr).")
+    loss: str = setting("regression", "regression: masked MSE on attribute labels (conversation JSONL); regular_bt, "
+                        "margin_bt, scaled_bt: NeMo-Aligner's Bradley-Terry losses on preference pairs (prepare's "
+                        "HelpSteer2-Preference output).", choices=("regression", "regular_bt", "margin_bt", "scaled_bt"))
+    reward_attribute: str = setting("helpfulness", "With a Bradley-Terry loss: the attribute output that is the "
+                                    "reward (NeMo-Aligner uses helpfulness).")
+    attribute_weights: str | None = setting(None, "Scalar reward served next to the scores, e.g. "
+                                            "helpfulness=0.65,correctness=0.8 (unnamed attributes weigh 0).")

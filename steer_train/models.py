@@ -1,4 +1,4 @@
-"""The model in and out of training: the base checkpoint's spec and control tokens, the final Hugging Face
+"""The model in and out of training: the base checkpoint's spec, the final Hugging Face
 checkpoint the server serves."""
 
 from __future__ import annotations
@@ -7,10 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from steerlm.spec import SteerSpec, load_spec, save_spec
-from steerlm.template import PromptTemplate
 
 
 def base_spec(model_dir: str | os.PathLike, preset: str | None) -> SteerSpec:
@@ -21,19 +18,6 @@ def base_spec(model_dir: str | os.PathLike, preset: str | None) -> SteerSpec:
             raise ValueError(f"--schema {preset} differs from the schema in {model_dir}/steerlm.json")
         return spec
     return SteerSpec.preset(preset or "helpsteer")
-
-
-def ensure_control_tokens(model: torch.nn.Module, hf_tokenizer, template: PromptTemplate) -> list[str]:
-    """Add the template's control tokens as special tokens when the base lacks them (e.g. SmolLM2), resizing
-    the embeddings; returns what was added."""
-    from tokenizers import AddedToken
-
-    vocab = hf_tokenizer.get_vocab()
-    missing = [t for t in template.control_tokens if t not in vocab]
-    if missing:
-        hf_tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
-        model.resize_token_embeddings(len(hf_tokenizer))
-    return missing
 
 
 def save_generator(out: Path, model, hf_tokenizer, spec: SteerSpec) -> Path:

@@ -10,7 +10,7 @@ continues exactly where its last checkpoint stopped.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,8 +19,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from steer_train.checkpoint import SaveSchedule, load_latest, rng_state, save_checkpoint, set_rng_state
+from steer_train import parallel
+from steer_train.checkpoint import SaveSchedule
 from steer_train.config import SFTConfig
+from steer_train.control_tokens import add_control_tokens, describe
 from steer_train.data import Conversation, load_jsonl
 from steer_train.loop import (
     Dist,
@@ -33,8 +35,9 @@ from steer_train.loop import (
     on_gpu_unless_set,
     seed_all,
 )
+from steer_train.lora import apply_lora, lora_settings, merge, save_adapter, trainable_count
 from steer_train.metrics import Metrics, plot_losses
-from steer_train.models import base_spec, ensure_control_tokens, save_generator
+from steer_train.models import base_spec, save_generator
 from steerlm.template import PromptTemplate, Segment, Turn
 from steerlm.tokenize import encode_segments
 
@@ -160,10 +163,11 @@ def load_base(cfg: SFTConfig, d: Dist):
         raise ValueError(f"{cfg.model} is a {spec.kind!r} checkpoint; SFT needs a causal LM")
     hf_tok = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-    added = ensure_control_tokens(model, hf_tok, spec.template)
+    added = add_control_tokens(model, hf_tok, spec.template, seed=cfg.seed)
     if added and d.main:
-        print(f"added control tokens {added} as special tokens; embeddings resized to {len(hf_tok)}")
+        print(f"{describe(added)}; embeddings resized to {len(hf_tok)}")
     return model, hf_tok, spec
+
 
 
 def evaluate(model, blocks: list, cfg: SFTConfig, pad_id: int, d: Dist, bf16: bool) -> float:
@@ -182,11 +186,15 @@ def evaluate(model, blocks: list, cfg: SFTConfig, pad_id: int, d: Dist, bf16: bo
 
 
 def train(cfg: SFTConfig) -> Path:
-    """Run SFT and write the final Hugging Face checkpoint to cfg.out; returns cfg.out."""
-    from torch.nn.parallel import DistributedDataParallel
+    """Run SFT and write the final Hugging Face checkpoint to cfg.out (with --lora: OUT/adapter, and the
+    merged checkpoint with --merge); returns cfg.out."""
     from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
 
+    if cfg.merge and not cfg.lora:
+        raise ValueError("--merge folds a LoRA adapter into the base; it needs --lora")
     d = init_dist(cfg.device)
+    mode = parallel.resolve(cfg.parallel, d)
     out = Path(cfg.out)
     seed_all(cfg.seed)
     model, hf_tok, spec = load_base(cfg, d)
@@ -226,29 +234,34 @@ def train(cfg: SFTConfig) -> Path:
     grad_ckpt = on_gpu_unless_set(cfg.grad_ckpt, d)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base_config = copy.deepcopy(model.config)
+    if cfg.lora:
+        model = apply_lora(model, lora_settings(cfg))
+
+    def unsharded_skeleton():
+        skeleton = AutoModelForCausalLM.from_config(base_config)
+        return apply_lora(skeleton, lora_settings(cfg)) if cfg.lora else skeleton
+
     model.to(d.device).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    net = parallel.wrap(model, d, mode, bf16)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
     warmup = min(cfg.warmup, total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total, warmup, cfg.min_lr_ratio))
 
-    start = 0
-    state = load_latest(out)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        if d.main:
-            print(f"resuming from {out}/checkpoints at step {start}")
-    ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else model
-    metrics = Metrics(out / "metrics.jsonl", d.main, start if state is not None else None)
-    if d.main and state is None:
-        metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, blocks=len(blocks), total_steps=total)
+    resumed = parallel.resume(out, mode, model, opt, sched, d)
+    start = resumed or 0
+    if resumed is not None and d.main:
+        print(f"resuming from {out}/checkpoints at step {start}")
+    metrics = Metrics(out / "metrics.jsonl", d.main, resumed)
+    if d.main and resumed is None:
+        n_train, n_all = trainable_count(model)
+        metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, blocks=len(blocks), total_steps=total,
+                    parallel=mode, trainable_params=n_train, params=n_all)
 
     saves = SaveSchedule(cfg.save_every, cfg.save_minutes, d)
     order, order_epoch = [], -1
@@ -266,17 +279,15 @@ def train(cfg: SFTConfig) -> Path:
         for a in range(cfg.grad_accum):
             micro = mine[a * cfg.micro_batch : (a + 1) * cfg.micro_batch]
             batch = {key: v.to(d.device) for key, v in collate(micro, cfg.seq_len, pad_id).items()}
-            last = a == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or d.world == 1 else ddp.no_sync()
-            with sync:
+            with parallel.accumulate(net, mode, last=a == cfg.grad_accum - 1):
                 with autocast(d, bf16):
-                    logits = forward_logits(ddp, batch, model)
+                    logits = forward_logits(net, batch, model)
                 part = token_loss_sum(logits, batch["labels"])
-                # DDP averages gradients over processes; scaling by world makes it a sum over the global batch.
+                # DDP and FSDP average gradients over processes; scaling by world makes it a sum over the global batch.
                 (part / max(n_tokens, 1) * d.world).backward()
             loss_sum += part.item()
             tokens_seen += int((batch["doc"] >= 0).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip) if cfg.grad_clip > 0 else None
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -288,37 +299,52 @@ def train(cfg: SFTConfig) -> Path:
                   "tokens_per_s": tokens / dt, "loss_tokens": n_tokens}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        if d.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         metrics.log(**record)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}", lr=f"{record['lr']:.2e}")
         bar.update(1)
 
         done = step + 1
         if val_blocks and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
-            _eval_and_log(model, val_blocks, cfg, pad_id, d, bf16, metrics, done)
+            _eval_and_log(model, val_blocks, cfg, pad_id, d, bf16, metrics, done, mode)
         if saves.due(done, total):
-            if d.main:
-                state = {"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "rng": rng_state()}
-                save_checkpoint(out, done, state, cfg.keep)
-            barrier(d)
+            parallel.save(out, done, mode, model, opt, sched, d, cfg.keep)
     bar.close()
 
     if val_blocks:
-        _eval_and_log(model, val_blocks, cfg, pad_id, d, bf16, metrics, total)
+        _eval_and_log(model, val_blocks, cfg, pad_id, d, bf16, metrics, total, mode)
+    final = parallel.gathered(model, unsharded_skeleton, d) if mode == "fsdp" else model
     if d.main:
-        model.to("cpu")
-        if grad_ckpt:
-            model.gradient_checkpointing_disable()
-        save_generator(out, model, hf_tok, spec)
+        final.to("cpu")
+        if grad_ckpt and mode != "fsdp":
+            final.gradient_checkpointing_disable()
+        _export(final, hf_tok, spec, cfg, out)
         plot_losses(out / "metrics.jsonl", out / "loss.png", f"SFT {Path(cfg.data).name}")
-        print(f"wrote SteerLM checkpoint to {out} (metrics.jsonl, loss.png)")
     barrier(d)
     return out
 
 
-def _eval_and_log(model, blocks, cfg, pad_id, d, bf16, metrics, step) -> None:
-    if d.main:
+def _export(model, hf_tok, spec, cfg: SFTConfig, out: Path) -> None:
+    """The checkpoint, or with --lora the adapter (and the merged checkpoint with --merge)."""
+    if not cfg.lora:
+        save_generator(out, model, hf_tok, spec)
+        print(f"wrote SteerLM checkpoint to {out} (metrics.jsonl, loss.png)")
+        return
+    adapter = save_adapter(model, out)
+    hf_tok.save_pretrained(adapter)
+    if cfg.merge:
+        save_generator(out, merge(model), hf_tok, spec)
+        print(f"wrote the LoRA adapter to {adapter} and the merged SteerLM checkpoint to {out}")
+    else:
+        print(f"wrote the LoRA adapter to {adapter} (rerun with --merge for a servable checkpoint)")
+
+
+def _eval_and_log(model, blocks, cfg, pad_id, d, bf16, metrics, step, mode) -> None:
+    # Under FSDP every process takes part in each forward (the blocks' weights are gathered from all).
+    if d.main or mode == "fsdp":
         val = evaluate(model, blocks, cfg, pad_id, d, bf16)
         metrics.log(step=step, val_loss=val)
-        print(f"step {step}: validation loss {val:.4f}")
+        if d.main:
+            print(f"step {step}: validation loss {val:.4f}")
     barrier(d)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from steer_train.models import ensure_control_tokens, save_generator
+from steer_train.control_tokens import save_as_base
 from steerlm.spec import SteerSpec
 
 
@@ -35,6 +35,4 @@ def import_gguf(gguf: str | Path, out: str | Path, preset: str = "helpsteer") ->
         raise ValueError(f"{gguf}: weights do not fit the Llama config (missing {missing}, unexpected {result.unexpected_keys})")
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    spec = SteerSpec.preset(preset)
-    ensure_control_tokens(model, tokenizer, spec.template)
-    return save_generator(Path(out), model, tokenizer, spec)
+    return save_as_base(model, tokenizer, SteerSpec.preset(preset), Path(out))

@@ -216,16 +216,18 @@ class SteerClient:
         """Attribute scores of a conversation from `reward_model`.
 
         turns: [{"question": ..., "answer": ...}, ...] (or (question, answer) pairs, or objects with
-        .question/.answer). Returns {"scores": {attribute: raw score}, "labels": "name:value,..."}."""
+        .question/.answer). Returns {"scores": {attribute: raw score}, "labels": "name:value,..."} and, when
+        the reward model has attribute weights, "reward": their weighted sum."""
         doc = {"system": system, "turns": [_turn(t) for t in turns]}
-        arr = np.array([json.dumps(doc).encode("utf-8")], dtype=np.object_)
+        # reward_model batches (NeMo-Aligner's PyTriton contract): one row of a [batch, 1] input.
+        arr = np.array([[json.dumps(doc).encode("utf-8")]], dtype=np.object_)
         if self.protocol == "grpc":
             import tritonclient.grpc as tc
         else:
             import tritonclient.http as tc
         from tritonclient.utils import InferenceServerException
 
-        inp = tc.InferInput("conversation", [1], "BYTES")
+        inp = tc.InferInput("conversation", [1, 1], "BYTES")
         inp.set_data_from_numpy(arr)
         client = tc.InferenceServerClient(self.url)
         try:
@@ -235,8 +237,12 @@ class SteerClient:
         finally:
             client.close()
         names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in result.as_numpy("attributes").reshape(-1)]
-        scores = result.as_numpy("scores").astype(float).tolist()
-        return {"scores": dict(zip(names, scores)), "labels": _str(result.as_numpy("labels"))}
+        scores = result.as_numpy("scores").astype(float).reshape(-1).tolist()
+        out = {"scores": dict(zip(names, scores)), "labels": _str(result.as_numpy("labels"))}
+        reward = result.as_numpy("reward")
+        if reward is not None:
+            out["reward"] = float(np.asarray(reward).reshape(-1)[0])
+        return out
 
 
 def _turn(turn) -> dict[str, str]:

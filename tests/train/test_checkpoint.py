@@ -76,7 +76,7 @@ def test_rm_with_default_settings_checkpoints_by_time_and_resumes_exactly(tiny_m
     monkeypatch.setattr(checkpoint, "_now", lambda: next(clock))
     straight = rm.train(config("straight"))
     assert [p.name for p in checkpoint.checkpoints(straight)] == ["step-0000003", "step-0000004"]
-    original = rm.save_checkpoint
+    original = checkpoint.save_checkpoint
 
     def save_then_crash(out, step, state, keep):
         path = original(out, step, state, keep)
@@ -84,10 +84,10 @@ def test_rm_with_default_settings_checkpoints_by_time_and_resumes_exactly(tiny_m
             raise KeyboardInterrupt("killed right after the step-2 checkpoint")
         return path
 
-    monkeypatch.setattr(rm, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         rm.train(config("resumed"))
-    monkeypatch.setattr(rm, "save_checkpoint", original)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
     resumed = rm.train(config("resumed"))
 
     def losses(out):

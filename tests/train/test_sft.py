@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import steer_train.checkpoint as checkpoint
 import steer_train.sft as sft
 from steer_train.data import Conversation
 from steer_train.sample import generate
@@ -111,7 +112,7 @@ def losses(out: Path) -> list[float]:
 
 def test_resume_after_crash_matches_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
     straight = sft.train(small_config(tiny_model, tmp_path, "straight", save_every=3))
-    original = sft.save_checkpoint
+    original = checkpoint.save_checkpoint
 
     def save_then_crash(out, step, state, keep):
         path = original(out, step, state, keep)
@@ -119,12 +120,12 @@ def test_resume_after_crash_matches_an_uninterrupted_run(tiny_model, tmp_path, m
             raise KeyboardInterrupt("killed right after the step-3 checkpoint")
         return path
 
-    monkeypatch.setattr(sft, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     cfg = small_config(tiny_model, tmp_path, "resumed", save_every=3)
     with pytest.raises(KeyboardInterrupt):
         sft.train(cfg)
     assert not (tmp_path / "resumed" / "steerlm.json").exists()
-    monkeypatch.setattr(sft, "save_checkpoint", original)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
     resumed = sft.train(cfg)
     assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
