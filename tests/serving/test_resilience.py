@@ -42,7 +42,9 @@ def tokens_after(server, cancel) -> float:
     cancel()
     before = metric(server, "steerlm_engine_tokens_total")
     wait_idle(server)
-    return metric(server, "steerlm_engine_tokens_total") - before
+    after = metric(server, "steerlm_engine_tokens_total") - before
+    print(f"tokens after cancel: {after:.0f}")
+    return after
 
 
 def test_1000_mixed_requests_from_32_clients_none_lost_streamed_equal_whole(server):
