@@ -113,8 +113,6 @@ def test_a_cancelled_grpc_stream_leaves_the_engine(server):
     assert tokens_after(server, cancel) < LONG / 8
 
 
-@pytest.mark.xfail(strict=True, reason="Triton 2.51's HTTP frontend does not mark a generate_stream request cancelled "
-                   "when its connection closes, so the generator cannot see it (docs/serving.md, Cancellation)")
 def test_a_closed_http_stream_leaves_the_engine(server):
     wait_idle(server)
     host, port = server.http_url.split(":")
@@ -128,8 +126,6 @@ def test_a_closed_http_stream_leaves_the_engine(server):
     assert tokens_after(server, sock.close) < LONG / 8
 
 
-@pytest.mark.xfail(strict=True, reason="Triton 2.51's gRPC frontend does not mark a stream's requests cancelled when "
-                   "its client dies without cancelling them (docs/serving.md, Cancellation)")
 def test_a_killed_client_leaves_the_engine(server, tmp_path):
     wait_idle(server)
     script = tmp_path / "client.py"
