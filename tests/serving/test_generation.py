@@ -1,4 +1,4 @@
-"""The CPU generation engine behind `tensorrt_llm`: greedy = Hugging Face greedy, batching changes nothing."""
+"""The torch generation engine behind `generator`: greedy = Hugging Face greedy, batching changes nothing."""
 
 from __future__ import annotations
 
