@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -145,3 +146,19 @@ def test_ctrl_c_during_start_up_stops_at_once_and_leaves_nothing(tiny_model):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0
     assert not repo.parent.exists()
+
+
+def test_a_model_that_cannot_load_is_summarized_in_one_line(tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by an interrupted copy
+    out = subprocess.run([sys.executable, "-m", "steerlm.serve", "--model", str(broken), "--http-port", "0",
+                          "--grpc-port", "0", "--metrics-port", "0"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1
+    error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "model 'generator' failed to load:" in error[0], out.stderr
+    log = re.search(r"\(log: (\S+)\)$", error[0]).group(1)
+    assert Path(log).is_file()
+    Path(log).unlink()
