@@ -24,7 +24,9 @@ UPSTREAM_INPUTS = {
     "presence_penalty": "TYPE_FP32", "frequency_penalty": "TYPE_FP32", "seed": "TYPE_UINT64",
     "beam_width": "TYPE_INT32", "stream": "TYPE_BOOL",
 }
-STEERLM_INPUTS = {"attributes": "TYPE_STRING", "system": "TYPE_STRING", "history": "TYPE_STRING",
+# perf_analyzer genai-perf/genai_perf/inputs/converters/tensorrtllm_converter.py (commit ceccbfa04026) sends
+# min_length with --output-tokens-mean-deterministic.
+STEERLM_INPUTS = {"min_length": "TYPE_INT32", "attributes": "TYPE_STRING", "system": "TYPE_STRING", "history": "TYPE_STRING",
                   "return_num_input_tokens": "TYPE_BOOL", "return_num_output_tokens": "TYPE_BOOL"}
 
 

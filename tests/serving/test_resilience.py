@@ -244,3 +244,30 @@ def test_values_the_server_cannot_honour_are_refused_by_name(server, inputs, mes
     client.stop_stream()
     client.close()
     assert errors and message in str(errors[0])
+
+
+def test_genai_perf_tensorrtllm_payload_is_answered_with_its_exact_length(server):
+    """genai-perf's tensorrtllm converter (perf_analyzer genai-perf/genai_perf/inputs/converters/
+    tensorrtllm_converter.py, commit ceccbfa04026) with --output-tokens-mean-deterministic sends text_input,
+    max_tokens, stream and min_length = max_tokens, and counts the tokens it gets back."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    payload = {"text_input": np.array([[QUESTION]], dtype=object), "max_tokens": np.array([[24]], dtype=np.int32),
+               "stream": np.array([[True]]), "min_length": np.array([[24]], dtype=np.int32),
+               "return_num_output_tokens": np.array([[True]])}
+    tensors = []
+    for name, arr in payload.items():
+        t = grpcclient.InferInput(name, arr.shape, np_to_triton_dtype(arr.dtype))
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+    results = []
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.append((result, error)))
+    client.async_stream_infer("ensemble", tensors)
+    client.stop_stream()
+    client.close()
+    assert all(e is None for _, e in results), results
+    counts = [r.as_numpy("num_output_tokens") for r, _ in results if r.as_numpy("num_output_tokens") is not None]
+    assert [int(c.reshape(-1)[0]) for c in counts] == [24]
+    assert results[-1][0].as_numpy("finish_reason").reshape(-1)[0] == b"length"
