@@ -38,7 +38,7 @@ help:
 	@echo "make test                  run the test suite"
 	@echo "make tiny                  write a tiny random SteerLM checkpoint to runs/tiny"
 	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|torch|trtllm DEVICE=cuda ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT=]"
-	@echo "make soak [SOAK_REQUESTS=5000]   the serving load test, longer (32 mixed clients, 0 lost)"
+	@echo "make soak [SOAK_REQUESTS=5000]   serving: long mixed load (0 lost) and client cancellation, measured"
 	@echo "make engine MODEL=DIR TP=N DTYPE=bfloat16|float16|fp8 GPU=a100-40|a100-80|h100|h200 [OUT=DIR] [PLAN=1] [ENGINE=legacy] [MAX_BATCH=N]"
 	@echo "make eval MODEL=DIR RM=DIR"
 	@echo "make prepare DATA_IN='a.csv b.jsonl' [DATA_DIR=runs/data]   public data -> conversation JSONL + split"
