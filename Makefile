@@ -14,6 +14,7 @@ ifeq ($(origin RM),default)
 RM :=
 endif
 BACKEND ?= cpu
+DEVICE ?=
 ENGINE_DIR ?=
 TP ?= 1
 HTTP_PORT ?= 8000
@@ -27,7 +28,9 @@ PLAN ?=
 ENGINE ?= llmapi
 MAX_BATCH ?=
 
-.PHONY: setup test lint serve demo eval engine tiny lock clean help
+SOAK_REQUESTS ?= 5000
+
+.PHONY: setup test lint soak serve demo eval engine tiny lock clean help
 
 help:
 	@echo "make setup                 create .venv with everything a CPU machine needs (pinned)"
@@ -35,7 +38,8 @@ help:
 	@echo "make test                  lint, then run the test suite"
 	@echo "make lint                  ruff (rules in pyproject.toml)"
 	@echo "make tiny                  write a tiny random SteerLM checkpoint to runs/tiny"
-	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|trtllm ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT=]"
+	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|torch|trtllm DEVICE=cuda ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT=]"
+	@echo "make soak [SOAK_REQUESTS=5000]   serving: long mixed load (0 lost) and client cancellation, measured"
 	@echo "make engine MODEL=DIR TP=N DTYPE=bfloat16|float16|fp8 GPU=a100-40|a100-80|h100|h200 [OUT=DIR] [PLAN=1] [ENGINE=legacy] [MAX_BATCH=N]"
 	@echo "make eval MODEL=DIR RM=DIR"
 	@echo "make prepare DATA_IN='a.csv b.jsonl' [DATA_DIR=runs/data]   public data -> conversation JSONL + split"
@@ -62,12 +66,15 @@ test: lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+soak: $(STAMP)
+	SOAK_REQUESTS=$(SOAK_REQUESTS) $(PY) -m pytest -q -s tests/serving/soak_load.py
+
 tiny: $(STAMP)
 	$(PY) -m steer_train init-tiny --out runs/tiny
 
 serve: $(STAMP)
 	$(PY) -m steerlm.serve --model $(MODEL) $(if $(RM),--reward-model $(RM)) --backend $(BACKEND) \
-		$(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) --tp $(TP) \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) --tp $(TP) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 engine: $(STAMP)
