@@ -75,7 +75,7 @@ def run_load(grpc_url: str, http_url: str, requests: int = 1000, concurrency: in
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(requests)))
-    for q, got in answers.items():
+    for got in answers.values():
         texts = {t for _, t in got}
         if len(texts) > 1:
             # Count the answers that differ from the most common one.

@@ -6,7 +6,6 @@ import re
 import threading
 
 import numpy as np
-
 import pytest
 
 from steerlm.tokenize import load_tokenizer

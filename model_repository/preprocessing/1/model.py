@@ -11,8 +11,14 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from steerlm.serve.requests import (DEFAULT_MAX_INPUT_BYTES, SAMPLING_TYPES, RequestBuilder, RequestError,
-                                    decode_text, load_key)
+from steerlm.serve.requests import (
+    DEFAULT_MAX_INPUT_BYTES,
+    SAMPLING_TYPES,
+    RequestBuilder,
+    RequestError,
+    decode_text,
+    load_key,
+)
 
 TEXT = ("attributes", "system", "history")
 FLAGS = ("stream", "exclude_input_in_output", "return_num_input_tokens", "return_num_output_tokens")
