@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from steerlm.serve.launch import engine_world_size, trtllm_command
+from steerlm.serve.launch import trtllm_command
 from steerlm.serve.repository import RenderError, render_repository
 from steerlm.serve.triton import ServerError, TritonServer, server_env, shell_line
 
@@ -43,13 +43,15 @@ def _banner(server_http: str, server_grpc: str, metrics: str, repo: Path, log: P
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
-              help="SteerLM checkpoint (HF weights + tokenizer.json + steerlm.json).")
+              help="SteerLM checkpoint (HF weights + tokenizer.json + steerlm.json), or what `make engine` wrote.")
 @click.option("--reward-model", "reward_model_dir", type=click.Path(exists=True, file_okay=False),
               help="Also serve this attribute (reward) model as `reward_model`.")
 @click.option("--backend", type=click.Choice(["cpu", "trtllm"]), default="cpu", show_default=True,
-              help="cpu: PyTorch python model; trtllm: NVIDIA's C++ tensorrtllm backend (GPU container).")
-@click.option("--engine-dir", type=click.Path(file_okay=False), help="TensorRT-LLM engine directory (trtllm).")
-@click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks (trtllm; > 1 runs under mpirun).")
+              help="cpu: PyTorch python model; trtllm: TensorRT-LLM's LLM API on GPUs (docs/serving-gpu.md).")
+@click.option("--engine-dir", type=click.Path(exists=True, file_okay=False),
+              help="trtllm: load the engine from this `make engine` output instead of --model.")
+@click.option("--tp", type=int, default=None,
+              help="trtllm: tensor-parallel size [default: the engine's extra_llm_api_options.yaml, else 1].")
 @click.option("--http-port", default=8000, show_default=True, help="HTTP port (0: any free port).")
 @click.option("--grpc-port", default=8001, show_default=True, help="gRPC port (0: any free port).")
 @click.option("--metrics-port", default=8002, show_default=True, help="Metrics port (0: any free port).")
@@ -58,39 +60,41 @@ def _banner(server_http: str, server_grpc: str, metrics: str, repo: Path, log: P
 @click.option("--repo-dir", type=click.Path(file_okay=False),
               help="Render the model repository here (kept; default: a temporary directory).")
 @click.option("--max-batch-size", default=8, show_default=True, help="Requests generated together at most.")
-@click.option("--kv-cache-reuse/--no-kv-cache-reuse", default=True, show_default=True,
-              help="trtllm: reuse the KV cache of shared prefixes (engine built with paged context FMHA).")
 @click.option("--tritonserver", "tritonserver_bin", default=None,
               help="trtllm: tritonserver executable [default: /opt/tritonserver/bin/tritonserver or PATH].")
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for the server to be ready.")
 @click.option("--dry-run", is_flag=True, help="Render the repository and print the server command; start nothing.")
 def main(model_dir, reward_model_dir, backend, engine_dir, tp, http_port, grpc_port, metrics_port, address,
-         repo_dir, max_batch_size, kv_cache_reuse, tritonserver_bin, timeout, dry_run) -> None:
+         repo_dir, max_batch_size, tritonserver_bin, timeout, dry_run) -> None:
     """Serve a SteerLM model through the Triton ensemble `steerlm` (and `reward_model` with --reward-model).
 
     The CPU backend runs the bundled tritonserver here, waits until it is ready, prints the endpoints and
-    runs until Ctrl-C. The trtllm backend renders the same repository for NVIDIA's Triton TensorRT-LLM
-    container and runs tritonserver there (under mpirun for --tp > 1)."""
+    runs until Ctrl-C. The trtllm backend renders the same repository with the TensorRT-LLM LLM API engine
+    and runs one tritonserver (its engine starts the workers of other tensor-parallel ranks itself)."""
     if model_dir is None and reward_model_dir is None:
         raise click.UsageError("give --model (and/or --reward-model)")
-    if backend == "cpu" and (engine_dir or tp != 1):
+    if backend == "cpu" and (engine_dir or tp not in (None, 1)):
         raise click.UsageError("--engine-dir and --tp belong to --backend trtllm")
-    if backend == "trtllm":
-        if not engine_dir:
-            raise click.UsageError("--backend trtllm needs --engine-dir (build one with `make engine`)")
-        size = engine_world_size(engine_dir) if Path(engine_dir).is_dir() else None
-        if size is not None and size != tp:
-            raise click.UsageError(f"the engine in {engine_dir} was built for {size} ranks but --tp is {tp}")
+    engine_options = {"tensor_parallel_size": tp} if backend == "trtllm" and tp is not None else {}
+    if backend == "trtllm" and model_dir is not None:
+        from steerlm.serve.llmapi import LLMAPIError, preflight
+
+        try:
+            preflight(engine_dir or model_dir, engine_options)
+        except LLMAPIError as exc:
+            if not dry_run:
+                raise click.ClickException(str(exc)) from None
+            click.echo(f"warning: {exc}", err=True)
     repo, workdir = _run_paths(repo_dir)
     try:
         render_repository(repo, model_dir, reward_model_dir, backend=backend, engine_dir=engine_dir,
-                          max_batch_size=max_batch_size, kv_cache_reuse=kv_cache_reuse)
+                          max_batch_size=max_batch_size, engine_options=engine_options)
     except (RenderError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"rendered the {backend} model repository into {repo}")
 
     if backend == "trtllm":
-        cmd = trtllm_command(repo, tp, http_port, grpc_port, metrics_port, address, tritonserver_bin)
+        cmd = trtllm_command(repo, http_port, grpc_port, metrics_port, address, tritonserver_bin)
         click.echo("server command:\n  " + " ".join(shlex.quote(c) for c in cmd))
         if not dry_run:
             _run_foreground(cmd)
@@ -135,7 +139,7 @@ def _run_foreground(cmd: list[str]) -> None:
     except FileNotFoundError:
         raise click.ClickException(
             f"{cmd[0]} not found: run this inside NVIDIA's Triton TensorRT-LLM container "
-            f"(or pass --tritonserver; mpirun is needed for --tp > 1)") from None
+            f"nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3 (or pass --tritonserver)") from None
     try:
         sys.exit(proc.wait())
     except KeyboardInterrupt:

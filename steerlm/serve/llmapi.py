@@ -22,11 +22,12 @@ import logging
 import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from steerlm.generation import GenerationRequest, SamplingParams
+from steerlm.sampling import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,10 @@ def llmapi_sampling_kwargs(params: SamplingParams, *, fresh_seed: int | None = N
     long_bad = [w for w in params.bad_words if len(w) > 1]
     if long_bad:
         kwargs["logits_processor"] = BannedSequences(long_bad)
-    # Fields `serving` adds to our SamplingParams (CONTRACTS.md 1); sent only when they change anything.
+    # Sent only when they change anything; upstream's None means the same neutral runtime defaults.
     for name, neutral in (("min_tokens", 0), ("repetition_penalty", 1.0), ("presence_penalty", 0.0),
                           ("frequency_penalty", 0.0)):
-        value = getattr(params, name, neutral)
+        value = getattr(params, name)
         if value != neutral:
             kwargs[name] = value
     return kwargs
@@ -146,6 +147,10 @@ class LLMAPIEngine:
         self._banned_sequences = banned_sequences
         self._closed = False
         self._tasks: set[asyncio.Task] = set()
+        self._pending = 0  # submitted and not yet ended; read by the generator's watchdog and metrics
+        self._lock = threading.Lock()
+        self.tokens = 0  # tokens delivered
+        self.last_progress = time.monotonic()  # when the engine last produced output (or accepted a request)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="steerlm-llmapi", daemon=True)
         self._thread.start()
@@ -158,7 +163,17 @@ class LLMAPIEngine:
     def submit(self, request: GenerationRequest) -> None:
         if self._closed:
             raise RuntimeError("engine is closed")
+        with self._lock:
+            self._pending += 1
         self._loop.call_soon_threadsafe(self._start, request)
+
+    def pending(self) -> int:
+        """Requests submitted that have not ended yet."""
+        return self._pending
+
+    @property
+    def running(self) -> int:
+        return self._pending
 
     def _start(self, request: GenerationRequest) -> None:
         task = self._loop.create_task(self._run(request))
@@ -193,6 +208,13 @@ class LLMAPIEngine:
 
     async def _run(self, req: GenerationRequest) -> None:
         try:
+            await self._generate(req)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    async def _generate(self, req: GenerationRequest) -> None:
+        try:
             if not req.prompt_ids:
                 raise ValueError("input_ids is empty")
             result = self.llm.generate_async(list(req.prompt_ids), sampling_params=self._sampling_params(req.params),
@@ -219,6 +241,7 @@ class LLMAPIEngine:
         stops = multi_token_stop_words(req.params)
         tokens: list[int] = []
         async for output in result:
+            self.last_progress = time.monotonic()
             ids = list(output.outputs[0].token_ids)
             finished = bool(output.finished)
             if finished and req.params.end_id is not None and ids and ids[-1] == req.params.end_id:
@@ -229,6 +252,7 @@ class LLMAPIEngine:
                 new, finished = ids[len(tokens):end], True
                 _abort(result)  # the LLM API ends on stop strings only: end the sequence here
             tokens.extend(new)
+            self.tokens += len(new)
             self._deliver(req, tokens, new, finished)
             if finished:
                 return
@@ -367,10 +391,40 @@ def llm_kwargs(layout: ModelLayout) -> dict[str, Any]:
     return kwargs
 
 
-def load_llm(model_dir: str | os.PathLike, options: dict[str, Any] | None = None) -> tuple[Any, Any, bool]:
-    """(LLM, SamplingParams class, is_legacy) for a SteerLM checkpoint or a `make engine` output."""
+def engine_options(model_dir: str | os.PathLike, max_batch_size: int, options: dict[str, Any]) -> dict[str, Any]:
+    """Options given to the engine beyond its options file: the generator's `max_batch_size` applies only where
+    neither the file (the memory plan `make engine` made) nor `options` set one."""
+    merged = dict(options)
+    if "max_batch_size" not in read_layout(model_dir).options and "max_batch_size" not in merged:
+        merged["max_batch_size"] = max_batch_size
+    return merged
+
+
+def llmapi_engine(model_dir: str | os.PathLike, *, max_batch_size: int, **options: Any) -> LLMAPIEngine:
+    """The `trtllm` entry of steerlm.serve.engines.ENGINES: `model_dir` is a SteerLM checkpoint or what
+    `make engine` wrote; `options` (LLM(...) keyword arguments, e.g. tensor_parallel_size) override its
+    options file."""
+    return LLMAPIEngine.from_model_dir(model_dir, engine_options(model_dir, max_batch_size, options))
+
+
+def preflight(model_dir: str | os.PathLike, options: dict[str, Any] | None = None) -> ModelLayout:
+    """Everything that can be checked before a server starts: layout, TensorRT-LLM version, TP size."""
+    from steerlm.serve.launch import engine_world_size
+
     layout = read_layout(model_dir, options)
     check_version(layout, installed_version())
+    tp = int(layout.options.get("tensor_parallel_size", 1))
+    if layout.format == "legacy-engine":
+        built = engine_world_size(layout.model)
+        if built is not None and built != tp:
+            raise LLMAPIError(f"the TensorRT engine in {layout.model} was built for {built} ranks but "
+                              f"tensor_parallel_size is {tp}")
+    return layout
+
+
+def load_llm(model_dir: str | os.PathLike, options: dict[str, Any] | None = None) -> tuple[Any, Any, bool]:
+    """(LLM, SamplingParams class, is_legacy) for a SteerLM checkpoint or a `make engine` output."""
+    layout = preflight(model_dir, options)
     try:
         import tensorrt_llm
     except ImportError as exc:

@@ -146,9 +146,6 @@ class LLM:
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError("the facade generates one sequence per request")
-        for name in ("min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-            if getattr(params, name) is not None and not hasattr(generation.SamplingParams, name):
-                raise ValueError(f"{name}: the CPU engine has no such parameter yet")
         bad = [[t] for t in params.bad_token_ids or []]
         if params.logits_processor is not None:
             # The CPU engine has no logits hook; BannedSequences (the only processor LLMAPIEngine sends) maps
@@ -164,6 +161,10 @@ class LLM:
             seed=0 if params.seed is None else params.seed,
             stop_words=[[t] for t in params.stop_token_ids or []],
             bad_words=bad,
+            min_tokens=params.min_tokens or 0,
+            repetition_penalty=1.0 if params.repetition_penalty is None else params.repetition_penalty,
+            presence_penalty=params.presence_penalty or 0.0,
+            frequency_penalty=params.frequency_penalty or 0.0,
         )
         self._next_id += 1
         result = GenerationResult(self._next_id, list(inputs), params, streaming)

@@ -15,7 +15,8 @@ import threading
 import pytest
 import torch
 
-from steerlm.generation import Engine, GenerationRequest, SamplingParams
+from steerlm.generation import Engine
+from steerlm.sampling import GenerationRequest, SamplingParams
 from steerlm.serve import llmapi
 from steerlm.serve.llmapi import (INSTALL_HINT, BannedSequences, LLMAPIEngine, LLMAPIError, check_version,
                                   llm_kwargs, llmapi_sampling_kwargs, load_llm, read_layout)
@@ -76,11 +77,9 @@ def test_single_token_words_map_to_token_ids_and_longer_bad_words_to_a_logits_pr
     assert llmapi.multi_token_stop_words(params) == [[8, 9]]
 
 
-def test_added_sampling_fields_are_sent_under_upstream_names_when_set():
-    params = SamplingParams(max_tokens=3, end_id=2)
-    for name, value in (("min_tokens", 4), ("repetition_penalty", 1.2), ("presence_penalty", 0.5),
-                        ("frequency_penalty", -0.5)):
-        object.__setattr__(params, name, value)
+def test_min_tokens_and_penalties_are_sent_under_upstream_names_when_set():
+    params = SamplingParams(max_tokens=5, end_id=2, min_tokens=4, repetition_penalty=1.2, presence_penalty=0.5,
+                            frequency_penalty=-0.5)
     kw = llmapi_sampling_kwargs(params, fresh_seed=5)
     assert (kw["min_tokens"], kw["repetition_penalty"], kw["presence_penalty"], kw["frequency_penalty"]) == (
         4, 1.2, 0.5, -0.5)
@@ -223,7 +222,7 @@ def test_cancelled_request_is_aborted_in_the_engine_and_gets_nothing_more(engine
     c.cancel.set()
     result = llm.results[-1]
     for _ in range(WAIT_S * 10):
-        if result.aborted() and not llm.engine._rows:
+        if result.aborted() and llm.engine.pending() == 0:
             break
         deadline.wait(0.1)
     assert result.aborted(), "abort() never reached the engine"

@@ -1,0 +1,102 @@
+"""`--backend trtllm`: the repository renders the generator with the LLM API engine, the launcher runs one
+tritonserver, and a machine without TensorRT-LLM gets one line saying what to install."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from steerlm.serve import llmapi
+from steerlm.serve.engines import ENGINES, create_engine
+from steerlm.serve.launch import trtllm_command
+
+no_trtllm = pytest.mark.skipif(llmapi.installed_version() is not None, reason="TensorRT-LLM is installed here")
+
+
+def serve_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "steerlm.serve", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _parameters(config: str) -> dict[str, str]:
+    return dict(re.findall(r'key: "(\w+)", value: \{ string_value: "((?:[^"\\]|\\.)*)" \}', config))
+
+
+def test_trtllm_is_a_registered_engine():
+    assert ENGINES["trtllm"] == "steerlm.serve.llmapi:llmapi_engine"
+
+
+@no_trtllm
+def test_engine_factory_without_tensorrt_llm_raises_the_install_line(tiny_model):
+    with pytest.raises(llmapi.LLMAPIError) as exc:
+        create_engine("trtllm", tiny_model, max_batch_size=4)
+    assert str(exc.value) == llmapi.INSTALL_HINT
+
+
+def test_generator_batch_size_applies_only_where_the_options_file_sets_none(tmp_path, tiny_model):
+    assert llmapi.engine_options(tiny_model, 8, {}) == {"max_batch_size": 8}
+    assert llmapi.engine_options(tiny_model, 8, {"max_batch_size": 32}) == {"max_batch_size": 32}
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / llmapi.OPTIONS_FILE).write_text("max_batch_size: 64\n")
+    assert llmapi.engine_options(tmp_path, 8, {"tensor_parallel_size": 2}) == {"tensor_parallel_size": 2}
+
+
+def test_one_tritonserver_whatever_the_tensor_parallel_size(tmp_path):
+    cmd = trtllm_command(tmp_path, 8000, 8001, 8002, tritonserver="/opt/tritonserver/bin/tritonserver")
+    assert cmd[0] == "/opt/tritonserver/bin/tritonserver" and "mpirun" not in cmd
+    assert f"--model-repository={tmp_path}" in cmd and "--http-address=127.0.0.1" in cmd
+
+
+def test_dry_run_renders_the_generator_with_the_llmapi_engine(tmp_path, tiny_model):
+    out = serve_cli("--model", tiny_model, "--backend", "trtllm", "--tp", 2, "--max-batch-size", 16,
+                    "--repo-dir", tmp_path / "repo", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    config = (tmp_path / "repo" / "generator" / "config.pbtxt").read_text()
+    params = _parameters(config)
+    assert params["generation_engine"] == "trtllm"
+    assert params["model_dir"] == str(tiny_model.resolve())
+    assert json.loads(params["engine_options"].replace('\\"', '"')) == {"tensor_parallel_size": 2}
+    assert 'backend: "python"' in config and "max_batch_size: 16" in config
+    command = out.stdout.split("server command:")[1].split()
+    assert command[0].endswith("tritonserver") and "mpirun" not in command
+    assert f"--model-repository={(tmp_path / 'repo').resolve()}" in command
+
+
+def test_engine_dir_is_what_the_generator_loads(tmp_path, tiny_model):
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "config.json").write_text("{}")
+    out = serve_cli("--model", tiny_model, "--backend", "trtllm", "--engine-dir", engine,
+                    "--repo-dir", tmp_path / "repo", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    params = _parameters((tmp_path / "repo" / "generator" / "config.pbtxt").read_text())
+    assert params["engine_dir"] == str(engine.resolve()) and params["engine_options"] == "{}"
+
+
+@no_trtllm
+def test_without_tensorrt_llm_serving_stops_with_one_line(tmp_path, tiny_model):
+    out = serve_cli("--model", tiny_model, "--backend", "trtllm", "--repo-dir", tmp_path / "repo")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == f"Error: {llmapi.INSTALL_HINT}"
+
+
+def test_a_legacy_engine_for_other_ranks_is_refused_before_the_server_starts(tmp_path, monkeypatch):
+    out_dir = tmp_path / "out"
+    (out_dir / "engine").mkdir(parents=True)
+    (out_dir / "config.json").write_text("{}")
+    (out_dir / llmapi.ENGINE_INFO_FILE).write_text(json.dumps({"format": "legacy-engine", "tp_size": 2}))
+    (out_dir / "engine" / "config.json").write_text(json.dumps({"version": "1.2.1",
+                                                                 "pretrained_config": {"mapping": {"world_size": 2}}}))
+    monkeypatch.setattr(llmapi, "installed_version", lambda: "1.2.1")
+    with pytest.raises(llmapi.LLMAPIError, match="built for 2 ranks but tensor_parallel_size is 1"):
+        llmapi.preflight(out_dir, {"tensor_parallel_size": 1})
+    assert llmapi.preflight(out_dir).options == {"tensor_parallel_size": 2}
+
+
+def test_cpu_backend_refuses_trtllm_options(tiny_model):
+    out = serve_cli("--model", tiny_model, "--tp", 2, "--dry-run")
+    assert out.returncode != 0 and "--engine-dir and --tp belong to --backend trtllm" in out.stderr
