@@ -38,10 +38,11 @@ FORMATS = ("llmapi", "legacy-engine")
 # max_seq_len, ...) belong to the PyTorch backend or are fixed when the engine is built.
 LEGACY_OPTION_KEYS = ("tensor_parallel_size", "max_batch_size", "max_num_tokens", "kv_cache_config")
 INSTALL_HINT = ("TensorRT-LLM is not installed: pip install --extra-index-url https://pypi.nvidia.com tensorrt-llm "
-                "(GPU machine, CUDA 12/13), or run inside NVIDIA's Triton container "
+                "on a GPU machine, or run inside NVIDIA's Triton container "
                 "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3 (26.03 and 26.07 ship TensorRT-LLM 1.2.1); "
                 "without a GPU use --backend cpu")
 CANCEL_POLL_S = 0.02
+MIN_LLMAPI_VERSION = "1.0.0rc0"  # 1.0 made the PyTorch backend LLM(...)'s default
 
 
 class LLMAPIError(RuntimeError):
@@ -370,6 +371,9 @@ def check_version(layout: ModelLayout, installed: str | None) -> None:
         if built and Version(built) != have:
             raise LLMAPIError(f"the TensorRT engine in {layout.model} was built by TensorRT-LLM {built}, which must "
                               f"also run it; installed: {installed}")
+    elif have < Version(MIN_LLMAPI_VERSION):
+        raise LLMAPIError(f"serving a checkpoint through the LLM API needs TensorRT-LLM >= {MIN_LLMAPI_VERSION} "
+                          f"(PyTorch backend by default); installed: {installed}")
     if layout.required_version:
         try:
             spec = SpecifierSet(layout.required_version, prereleases=True)

@@ -327,6 +327,8 @@ def test_version_checks(tmp_path):
         check_version(layout, "1.2.0")
     with pytest.raises(LLMAPIError, match=r"needs TensorRT-LLM >=1.1"):
         check_version(read_layout(_make_engine_output(tmp_path / "b", version=">=1.1")), "1.0.0")
+    with pytest.raises(LLMAPIError, match="needs TensorRT-LLM >= 1.0"):
+        check_version(read_layout(_make_engine_output(tmp_path / "c", version="")), "0.21.0")
     with pytest.raises(LLMAPIError) as exc:
         check_version(layout, None)
     assert str(exc.value) == INSTALL_HINT
