@@ -151,7 +151,7 @@ class LLMAPIEngine:
         self._pending = 0  # submitted and not yet ended; read by the generator's watchdog and metrics
         self._lock = threading.Lock()
         self.tokens = 0  # tokens delivered
-        self.last_progress = time.monotonic()  # when the engine last produced output (or accepted a request)
+        self.last_progress = time.monotonic()  # when the engine last produced output
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="steerlm-llmapi", daemon=True)
         self._thread.start()
@@ -218,6 +218,9 @@ class LLMAPIEngine:
         try:
             if not req.prompt_ids:
                 raise ValueError("input_ids is empty")
+            problem = req.params.problem()  # checked before the request reaches the engine's batch
+            if problem:
+                raise ValueError(problem)
             result = self.llm.generate_async(list(req.prompt_ids), sampling_params=self._sampling_params(req.params),
                                              streaming=True)
         except Exception as exc:

@@ -241,9 +241,13 @@ def test_engine_error_fails_only_that_request(engine, prompt, reference):
     assert good.tokens == reference
 
 
-def test_refused_request_fails_with_the_reason(engine):
+def test_refused_request_fails_with_the_reason(engine, llm, prompt):
     c = run(engine, [], SamplingParams(max_tokens=4))
     assert c.errors == ["input_ids is empty"]
+    submitted = len(llm.submitted)
+    c = run(engine, prompt[0], SamplingParams(max_tokens=4, temperature=float("inf"), top_k=5))
+    assert c.errors and c.errors[0].startswith("temperature must be a finite number")
+    assert len(llm.submitted) == submitted  # never reached the engine
 
 
 def test_close_ends_running_requests_with_an_error_and_shuts_the_llm_down(tiny_model, prompt):
