@@ -16,6 +16,7 @@ response; a cancelled request is aborted in the engine and gets no further respo
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.metadata
 import json
 import logging
@@ -441,12 +442,14 @@ def load_llm(model_dir: str | os.PathLike, options: dict[str, Any] | None = None
     else:
         LLM = tensorrt_llm.LLM
     kwargs = llm_kwargs(layout)
-    try:
-        # The conversion trtllm-serve applies to --extra_llm_api_options (nested dicts -> config objects).
-        from tensorrt_llm.llmapi.llm_utils import update_llm_args_with_extra_dict
-    except ImportError:
-        log.info("this TensorRT-LLM has no update_llm_args_with_extra_dict; passing the options as they are")
+    # The conversion trtllm-serve applies to --extra_llm_api_options (nested dicts -> config objects); upstream's
+    # Triton llmapi model imports it from llm_utils, some releases define it in llm_args only.
+    for module in ("tensorrt_llm.llmapi.llm_utils", "tensorrt_llm.llmapi.llm_args"):
+        update = getattr(importlib.import_module(module), "update_llm_args_with_extra_dict", None)
+        if update is not None:
+            kwargs = update({}, kwargs)
+            break
     else:
-        kwargs = update_llm_args_with_extra_dict({}, kwargs)
+        log.info("this TensorRT-LLM has no update_llm_args_with_extra_dict; passing the options as they are")
     llm = LLM(model=str(layout.model), tokenizer=str(layout.tokenizer), **kwargs)
     return llm, tensorrt_llm.SamplingParams, layout.format == "legacy-engine"
