@@ -193,13 +193,14 @@ class LLMAPIEngine:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
         try:
+            # While the loop still runs: the executor's last callbacks for aborted requests land on it.
             self.llm.shutdown()
         except Exception:
             log.exception("TensorRT-LLM shutdown failed")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def _sampling_params(self, params: SamplingParams) -> Any:
         kwargs = llmapi_sampling_kwargs(params, fresh_seed=secrets.randbits(63))

@@ -79,17 +79,21 @@ class GenerationResult:
     # called on the CPU engine's thread
     def on_tokens(self, new: list[int], final: bool) -> None:
         self.engine_tokens += len(new)
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, ("tokens", list(new), final))
+        self._put(("tokens", list(new), final))
 
     def on_error(self, message: str) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, ("error", message, True))
+        self._put(("error", message, True))
+
+    def _put(self, item: tuple) -> None:
+        if not self._loop.is_closed():  # nobody listens to a request after its caller's loop has ended
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def is_aborted(self) -> bool:
         return self._aborted.is_set()
 
     def abort(self) -> None:
         self._aborted.set()
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, ("cancelled", [], True))
+        self._put(("cancelled", [], True))
 
     def aborted(self) -> bool:
         return self._aborted.is_set()

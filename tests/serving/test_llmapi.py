@@ -371,3 +371,50 @@ def test_tensorrt_llm_greedy_stream_equals_whole(tiny_model, prompt):
             cpu.close()
     finally:
         eng.close()
+
+
+# -- the generator's request path over both engines ----------------------------------------------------------
+class Sink:
+    def __init__(self) -> None:
+        self.responses: list[tuple[dict | None, bool, str | None]] = []
+        self.done = threading.Event()
+
+    def send(self, outputs, final, error=None):
+        self.responses.append((None if outputs is None else {k: v.tolist() for k, v in outputs.items()}, final, error))
+        if final:
+            self.done.set()
+
+    def is_cancelled(self):
+        return False
+
+
+def _answer(core, builder, key, question, **kwargs) -> list:
+    sink = Sink()
+    core.submit(*builder.build(question, 24, **kwargs).to_wire(key), sink)
+    assert sink.done.wait(WAIT_S), "no final response"
+    return sink.responses
+
+
+def test_generator_answers_the_same_over_the_llmapi_engine_as_over_the_torch_engine(tiny_model, llm, engine):
+    from steerlm.serve.generator import GeneratorCore
+    from steerlm.spec import load_spec
+    from steerlm.tokenize import load_tokenizer
+
+    key = b"k" * 32
+    builder = RequestBuilder(tiny_model)
+    trailer = load_spec(tiny_model).template.answer_end
+    torch_core = GeneratorCore(llm.engine, load_tokenizer(tiny_model), trailer, key)
+    llmapi_core = GeneratorCore(engine, load_tokenizer(tiny_model), trailer, key)
+    question = "Where and when did techno music originate?"
+    whole = _answer(torch_core, builder, key, question)
+    text = whole[-1][0]["text_output"][0][0].decode()
+    stop = text.strip()[3:7]
+    assert stop.strip(), f"no stop string to take from {text!r}"
+    cases = {"whole": {}, "streamed": {"stream": True}, "stop string": {"stop_words": [stop], "stream": True},
+             "sampled": {"sampling": {"temperature": 1.3, "top_k": 20, "seed": 3}}}
+    answers = {}
+    for name, kwargs in cases.items():
+        answers[name] = _answer(llmapi_core, builder, key, question, **kwargs)
+        assert answers[name] == _answer(torch_core, builder, key, question, **kwargs), name
+    stopped = "".join(r[0]["text_output"][0][0].decode() for r in answers["stop string"] if r[0])
+    assert stop not in stopped and text.startswith(stopped) and len(stopped) < len(text)
