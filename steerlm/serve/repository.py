@@ -70,6 +70,15 @@ def _pbtxt_string(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
+def _spec(model_dir: Path):
+    from steerlm.spec import load_spec
+
+    try:
+        return load_spec(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RenderError(f"{model_dir / 'steerlm.json'}: {exc}") from None
+
+
 def render_repository(
     out: str | os.PathLike,
     model_dir: str | os.PathLike | None = None,
@@ -89,8 +98,6 @@ def render_repository(
     `model_dir` is the SteerLM checkpoint (tokenizer + steerlm.json; also the weights for torch),
     `reward_model_dir` adds the `reward_model` model, `engine_dir` is what `make engine` wrote (trtllm).
     `device` places the torch engine (cpu, cuda, cuda:N); `engine_options` go to the engine's factory."""
-    from steerlm.spec import load_spec
-
     if backend not in BACKENDS:
         raise RenderError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
     if model_dir is None and reward_model_dir is None:
@@ -105,7 +112,7 @@ def render_repository(
     models: list[str] = []
     if model_dir is not None:
         model_dir = Path(model_dir).resolve()
-        spec = load_spec(model_dir)
+        spec = _spec(model_dir)
         if spec.kind != "generator":
             raise RenderError(f"{model_dir} holds a {spec.kind!r}, not a SteerLM generator (steerlm.json kind)")
         if not (model_dir / "tokenizer.json").is_file():
@@ -131,7 +138,7 @@ def render_repository(
         models += ["preprocessing", "generator", *ENSEMBLE_NAMES]
     if reward_model_dir is not None:
         reward_model_dir = Path(reward_model_dir).resolve()
-        spec = load_spec(reward_model_dir)
+        spec = _spec(reward_model_dir)
         if spec.kind != "reward_model":
             raise RenderError(f"{reward_model_dir} holds a {spec.kind!r}, not a reward model (steerlm.json kind)")
         values["reward_model_dir"] = reward_model_dir

@@ -6,7 +6,6 @@ metrics and configuration to it. The engine comes from `steerlm.serve.engines.cr
 """
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -15,11 +14,11 @@ import triton_python_backend_utils as pb_utils
 from steerlm.serve.engines import create_engine
 from steerlm.serve.generator import GeneratorCore, Watchdog
 from steerlm.serve.requests import load_key
+from steerlm.serve.triton import STALL_MARK
 from steerlm.spec import load_spec
 from steerlm.tokenize import load_tokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-log = logging.getLogger("steerlm.generator")
 
 
 class Sink:
@@ -86,8 +85,7 @@ class TritonPythonModel:
     def _stalled(message):
         # A generator that cannot make progress must not look healthy: end this stub process, which the
         # launcher (`make serve`) notices and reports (see steerlm.serve.triton.TritonServer.check_health).
-        log.error("generator: %s; exiting so that the server stops reporting ready", message)
-        pb_utils.Logger.log_error(f"generator: {message}; exiting so that the server stops reporting ready")
+        pb_utils.Logger.log_error(f"{STALL_MARK} {message}; ending the generator process")
         os._exit(70)
 
     def execute(self, requests):
