@@ -98,8 +98,15 @@ def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port
         raise click.UsageError("--device belongs to --backend torch")
     engine_options = {"tensor_parallel_size": tp} if backend == "trtllm" and tp is not None else {}
     if backend == "trtllm" and model_dir is not None:
-        from steerlm.serve.llmapi import LLMAPIError, preflight
+        from steerlm.serve.llmapi import LLMAPIError, preflight, read_layout
 
+        try:
+            layout = read_layout(engine_dir or model_dir, engine_options)
+        except LLMAPIError as exc:
+            raise click.ClickException(str(exc)) from None
+        if engine_dir is None and layout.tokenizer != Path(model_dir):
+            # A legacy engine output keeps the template next to the engine: render from there.
+            engine_dir, model_dir = model_dir, str(layout.tokenizer)
         try:
             preflight(engine_dir or model_dir, engine_options)
         except LLMAPIError as exc:

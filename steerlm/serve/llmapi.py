@@ -311,7 +311,7 @@ class ModelLayout:
 
     format: str  # "llmapi" | "legacy-engine"
     model: Path  # what LLM(model=...) loads: the HF checkpoint, or the TensorRT engine directory
-    tokenizer: Path
+    tokenizer: Path  # tokenizer.json and steerlm.json (the template the generator and preprocessing use)
     options: dict[str, Any]
     required_version: str | None  # a version specifier (PEP 440), e.g. "==1.2.1" or ">=1.0"
 
@@ -339,15 +339,18 @@ def read_layout(model_dir: str | os.PathLike, options: dict[str, Any] | None = N
     merged.update(options or {})
     if "tp_size" in info and "tensor_parallel_size" not in merged:
         merged["tensor_parallel_size"] = int(info["tp_size"])
-    model = root
+    model = tokenizer = root
     if fmt == "legacy-engine":
         model = root / "engine"
         if not (model / "config.json").is_file():
             raise LLMAPIError(f"{model} holds no TensorRT engine (config.json); build it with `make engine "
                               f"ENGINE=legacy` where trtllm-build exists (TensorRT-LLM <= 1.2.x)")
+        # `make engine ENGINE=legacy` puts the tokenizer and steerlm.json next to the engine.
+        if not (root / "tokenizer.json").is_file():
+            tokenizer = model
     elif not (root / "config.json").is_file():
         raise LLMAPIError(f"{root} has no config.json: give a SteerLM checkpoint or a `make engine` output")
-    return ModelLayout(fmt, model, root, merged, info.get("tensorrt_llm"))
+    return ModelLayout(fmt, model, tokenizer, merged, info.get("tensorrt_llm"))
 
 
 def installed_version() -> str | None:
@@ -385,7 +388,7 @@ def check_version(layout: ModelLayout, installed: str | None) -> None:
         except InvalidSpecifier:
             spec = SpecifierSet(f"=={layout.required_version}", prereleases=True)
         if have not in spec:
-            raise LLMAPIError(f"{layout.tokenizer / ENGINE_INFO_FILE} needs TensorRT-LLM {spec}; installed: "
+            raise LLMAPIError(f"{layout.model} needs TensorRT-LLM {spec} ({ENGINE_INFO_FILE}); installed: "
                               f"{installed}")
 
 

@@ -310,8 +310,10 @@ def test_legacy_layout_loads_the_engine_subdirectory_with_engine_options_only(tm
     (out / "engine").mkdir()
     (out / "engine" / "config.json").write_text(json.dumps({"version": "1.2.1"}))
     layout = read_layout(out)
-    assert layout.model == out / "engine" and layout.tokenizer == out
+    assert layout.model == out / "engine" and layout.tokenizer == out / "engine"  # the template sits by the engine
     assert llm_kwargs(layout) == {"tensor_parallel_size": 2}
+    (out / "tokenizer.json").write_text("{}")
+    assert read_layout(out).tokenizer == out
 
 
 def test_unknown_format_is_named(tmp_path):

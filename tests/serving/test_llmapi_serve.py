@@ -100,3 +100,23 @@ def test_a_legacy_engine_for_other_ranks_is_refused_before_the_server_starts(tmp
 def test_cpu_backend_refuses_trtllm_options(tiny_model):
     out = serve_cli("--model", tiny_model, "--tp", 2, "--dry-run")
     assert out.returncode != 0 and "--engine-dir and --tp belong to --backend trtllm" in out.stderr
+
+
+def test_a_legacy_engine_output_renders_its_template_from_next_to_the_engine(tmp_path, tiny_model):
+    # The layout `make engine ENGINE=legacy` writes: the tokenizer and steerlm.json are copied into OUT/engine.
+    out_dir = tmp_path / "out"
+    (out_dir / "engine").mkdir(parents=True)
+    (out_dir / "checkpoint").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "steerlm.json", "generation_config.json"):
+        if (tiny_model / name).is_file():
+            (out_dir / "engine" / name).write_bytes((tiny_model / name).read_bytes())
+    (out_dir / "engine" / "config.json").write_text(json.dumps({"version": "1.2.1"}))
+    (out_dir / llmapi.ENGINE_INFO_FILE).write_text(json.dumps({"format": "legacy-engine", "tensorrt_llm": "==1.2.1",
+                                                                "tp_size": 1}))
+    layout = llmapi.read_layout(out_dir)
+    assert layout.model == layout.tokenizer == out_dir / "engine"
+    out = serve_cli("--model", out_dir, "--backend", "trtllm", "--repo-dir", tmp_path / "repo", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    params = _parameters((tmp_path / "repo" / "generator" / "config.pbtxt").read_text())
+    assert params["model_dir"] == str((out_dir / "engine").resolve())
+    assert params["engine_dir"] == str(out_dir.resolve()) and params["generation_engine"] == "trtllm"
