@@ -52,9 +52,9 @@ class LLMAPIError(RuntimeError):
 
 # -- sampling parameters ------------------------------------------------------------------------------------
 class BannedSequences:
-    """Logits processor that forbids the last token of each multi-token bad word once its other tokens were
-    just generated (the LLM API takes only single bad token ids, `bad_token_ids`, or strings that it
-    tokenizes itself). Signature of tensorrt_llm.sampling_params.LogitsProcessor.__call__; module-level and
+    """Logits processor that forbids the last token of each bad word once its other tokens were just generated
+    (the LLM API takes bad words only as single token ids, `bad_token_ids`, or as strings that it tokenizes
+    itself). Signature of tensorrt_llm.sampling_params.LogitsProcessor.__call__; module-level and
     plain data so that it pickles to the executor workers."""
 
     def __init__(self, words: list[list[int]]) -> None:
@@ -83,12 +83,17 @@ class BannedSequences:
         return f"BannedSequences({self.words})"
 
 
-def llmapi_sampling_kwargs(params: SamplingParams, *, fresh_seed: int | None = None) -> dict[str, Any]:
+def llmapi_sampling_kwargs(params: SamplingParams, *, fresh_seed: int | None = None,
+                           logits_processors: bool = True) -> dict[str, Any]:
     """Keyword arguments of TensorRT-LLM's `SamplingParams` (tensorrt_llm/sampling_params.py) for ours.
 
     `fresh_seed` is used for an unseeded sampled request: upstream's `seed=None` means the runtime default 0,
     which would make every unseeded request draw the same samples. Multi-token stop words are not part of
-    the result: the LLM API accepts stop sequences only as strings, so `LLMAPIEngine` ends those itself."""
+    the result: the LLM API accepts stop sequences only as strings, so `LLMAPIEngine` ends those itself.
+    Bad words: with `logits_processors` (PyTorch backend, per-request processors since NVIDIA/TensorRT-LLM
+    PR #3145) all of them go to one `BannedSequences`, which does not depend on the sampler implementing
+    bad words (it did not in early PyTorch-backend releases, NVIDIA/TensorRT-LLM issue #3700); a TensorRT
+    engine gets `bad_token_ids` and cannot take longer words (ValueError)."""
     kwargs: dict[str, Any] = {"max_tokens": params.max_tokens, "detokenize": False,
                               # Keep single-token stop words in the output (upstream trims them otherwise).
                               "include_stop_str_in_output": True}
@@ -109,12 +114,14 @@ def llmapi_sampling_kwargs(params: SamplingParams, *, fresh_seed: int | None = N
     stop_ids = [w[0] for w in params.stop_words if len(w) == 1]
     if stop_ids:
         kwargs["stop_token_ids"] = stop_ids
-    bad_ids = [w[0] for w in params.bad_words if len(w) == 1]
-    if bad_ids:
-        kwargs["bad_token_ids"] = bad_ids
-    long_bad = [w for w in params.bad_words if len(w) > 1]
-    if long_bad:
-        kwargs["logits_processor"] = BannedSequences(long_bad)
+    bad = [list(w) for w in params.bad_words if w]
+    if bad and logits_processors:
+        kwargs["logits_processor"] = BannedSequences(bad)
+    elif bad:
+        if any(len(w) > 1 for w in bad):
+            raise ValueError("bad_words: words of more than one token need the LLM API's PyTorch backend; a "
+                             "TensorRT engine takes single-token bad words only")
+        kwargs["bad_token_ids"] = [w[0] for w in bad]
     # Sent only when they change anything; upstream's None means the same neutral runtime defaults.
     for name, neutral in (("min_tokens", 0), ("repetition_penalty", 1.0), ("presence_penalty", 0.0),
                           ("frequency_penalty", 0.0)):
@@ -143,10 +150,10 @@ class LLMAPIEngine:
     `sampling_params_cls` is the LLM API's SamplingParams class (tensorrt_llm.SamplingParams)."""
 
     def __init__(self, llm: Any, sampling_params_cls: Callable[..., Any], *,
-                 banned_sequences: bool = True) -> None:
+                 logits_processors: bool = True) -> None:
         self.llm = llm
         self._sampling_params_cls = sampling_params_cls
-        self._banned_sequences = banned_sequences
+        self._logits_processors = logits_processors
         self._closed = False
         self._tasks: set[asyncio.Task] = set()
         self._pending = 0  # submitted and not yet ended; read by the generator's watchdog and metrics
@@ -160,7 +167,7 @@ class LLMAPIEngine:
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike, options: dict[str, Any] | None = None) -> LLMAPIEngine:
         llm, sampling_params_cls, legacy = load_llm(model_dir, options)
-        return cls(llm, sampling_params_cls, banned_sequences=not legacy)
+        return cls(llm, sampling_params_cls, logits_processors=not legacy)
 
     def submit(self, request: GenerationRequest) -> None:
         if self._closed:
@@ -203,10 +210,8 @@ class LLMAPIEngine:
         self._loop.close()
 
     def _sampling_params(self, params: SamplingParams) -> Any:
-        kwargs = llmapi_sampling_kwargs(params, fresh_seed=secrets.randbits(63))
-        if "logits_processor" in kwargs and not self._banned_sequences:
-            raise ValueError("bad_words: words of more than one token need the LLM API's PyTorch backend; a "
-                             "TensorRT engine takes single-token bad words only")
+        kwargs = llmapi_sampling_kwargs(params, fresh_seed=secrets.randbits(63),
+                                        logits_processors=self._logits_processors)
         return self._sampling_params_cls(**kwargs)
 
     async def _run(self, req: GenerationRequest) -> None:

@@ -69,12 +69,24 @@ def test_no_end_id_maps_to_ignore_eos():
     assert kw["ignore_eos"] is True and "end_id" not in kw
 
 
-def test_single_token_words_map_to_token_ids_and_longer_bad_words_to_a_logits_processor():
-    params = SamplingParams(max_tokens=3, end_id=2, stop_words=[[7], [8, 9]], bad_words=[[4], [5, 6]])
-    kw = llmapi_sampling_kwargs(params, fresh_seed=5)
-    assert kw["stop_token_ids"] == [7] and kw["bad_token_ids"] == [4]
-    assert kw["logits_processor"] == BannedSequences([[5, 6]])
+def test_single_token_stop_words_map_to_stop_token_ids_and_longer_ones_to_the_adapter():
+    params = SamplingParams(max_tokens=3, end_id=2, stop_words=[[7], [8, 9]])
+    assert llmapi_sampling_kwargs(params, fresh_seed=5)["stop_token_ids"] == [7]
     assert llmapi.multi_token_stop_words(params) == [[8, 9]]
+
+
+def test_bad_words_go_to_one_logits_processor_on_the_pytorch_backend():
+    params = SamplingParams(max_tokens=3, end_id=2, bad_words=[[4], [5, 6]])
+    kw = llmapi_sampling_kwargs(params, fresh_seed=5)
+    assert kw["logits_processor"] == BannedSequences([[4], [5, 6]]) and "bad_token_ids" not in kw
+
+
+def test_a_tensorrt_engine_gets_bad_token_ids_and_refuses_longer_bad_words():
+    single = SamplingParams(max_tokens=3, end_id=2, bad_words=[[4], [5]])
+    kw = llmapi_sampling_kwargs(single, fresh_seed=5, logits_processors=False)
+    assert kw["bad_token_ids"] == [4, 5] and "logits_processor" not in kw
+    with pytest.raises(ValueError, match="bad_words: words of more than one token"):
+        llmapi_sampling_kwargs(SamplingParams(max_tokens=3, bad_words=[[5, 6]]), logits_processors=False)
 
 
 def test_min_tokens_and_penalties_are_sent_under_upstream_names_when_set():
@@ -93,13 +105,13 @@ def test_every_mapped_name_is_an_upstream_sampling_params_field():
 
 
 def test_banned_sequences_forbid_the_last_token_after_its_prefix_only():
-    proc = pickle.loads(pickle.dumps(BannedSequences([[5, 6], [1, 2, 3]])))  # pickles to executor workers
+    proc = pickle.loads(pickle.dumps(BannedSequences([[5, 6], [1, 2, 3], [8]])))  # pickles to executor workers
     logits = torch.zeros(1, 10)
     proc(0, logits, [[9, 1, 2]], None, None)
-    assert torch.isinf(logits[0, 3]) and not torch.isinf(logits[0, 6])
+    assert torch.isinf(logits[0]).nonzero().flatten().tolist() == [3, 8]
     logits = torch.zeros(1, 10)
     proc(0, logits, [[9, 5]], None, None)
-    assert torch.isinf(logits[0, 6]) and not torch.isinf(logits[0, 3])
+    assert torch.isinf(logits[0]).nonzero().flatten().tolist() == [6, 8]
 
 
 # -- LLMAPIEngine through the facade over the CPU engine ----------------------------------------------------
@@ -265,9 +277,11 @@ def test_close_ends_running_requests_with_an_error_and_shuts_the_llm_down(tiny_m
         eng.submit(c.request(prompt[0], SamplingParams(max_tokens=1)))
 
 
-def test_multi_token_bad_words_are_refused_on_a_tensorrt_engine(tiny_model, prompt, llm):
-    eng = LLMAPIEngine(llm, llmapi_facade.SamplingParams, banned_sequences=False)
+def test_a_tensorrt_engine_takes_single_token_bad_words_and_refuses_longer_ones(prompt, llm, reference):
+    eng = LLMAPIEngine(llm, llmapi_facade.SamplingParams, logits_processors=False)
     try:
+        assert run(eng, prompt[0], SamplingParams(max_tokens=4, bad_words=[[reference[0]]])).tokens[0] != reference[0]
+        assert llm.submitted[-1].bad_token_ids == [reference[0]]
         c = run(eng, prompt[0], SamplingParams(max_tokens=4, bad_words=[[1, 2]]))
         assert "bad_words" in c.errors[0] and "single-token" in c.errors[0]
     finally:
