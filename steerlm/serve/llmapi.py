@@ -54,8 +54,9 @@ class LLMAPIError(RuntimeError):
 class BannedSequences:
     """Logits processor that forbids the last token of each bad word once its other tokens were just generated
     (the LLM API takes bad words only as single token ids, `bad_token_ids`, or as strings that it tokenizes
-    itself). Signature of tensorrt_llm.sampling_params.LogitsProcessor.__call__; module-level and
-    plain data so that it pickles to the executor workers."""
+    itself). Signature of tensorrt_llm.sampling_params.LogitsProcessor.__call__; `token_ids[0]` is the beam's
+    sequence so far (on the PyTorch backend it starts with the prompt, so a word's first tokens may also end the
+    prompt). Module-level and plain data so that it pickles to the executor workers."""
 
     def __init__(self, words: list[list[int]]) -> None:
         self.words = [list(w) for w in words]
