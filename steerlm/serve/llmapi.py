@@ -455,7 +455,10 @@ def load_llm(model_dir: str | os.PathLike, options: dict[str, Any] | None = None
     # The conversion trtllm-serve applies to --extra_llm_api_options (nested dicts -> config objects); upstream's
     # Triton llmapi model imports it from llm_utils, some releases define it in llm_args only.
     for module in ("tensorrt_llm.llmapi.llm_utils", "tensorrt_llm.llmapi.llm_args"):
-        update = getattr(importlib.import_module(module), "update_llm_args_with_extra_dict", None)
+        try:
+            update = getattr(importlib.import_module(module), "update_llm_args_with_extra_dict", None)
+        except ImportError:
+            update = None
         if update is not None:
             kwargs = update({}, kwargs)
             break

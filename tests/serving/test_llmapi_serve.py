@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,44 @@ def test_a_legacy_engine_output_renders_its_template_from_next_to_the_engine(tmp
     params = _parameters((tmp_path / "repo" / "generator" / "config.pbtxt").read_text())
     assert params["model_dir"] == str((out_dir / "engine").resolve())
     assert params["engine_dir"] == str(out_dir.resolve()) and params["generation_engine"] == "trtllm"
+
+
+def install_fake_tensorrt_llm(site: Path) -> None:
+    """A `tensorrt_llm` whose LLM and SamplingParams are the CPU facade's (llmapi_facade.py), so a rendered trtllm
+    repository runs in a real tritonserver here, through the same loader and engine. Its LLM records the keyword
+    arguments it was created with in llm_args.json."""
+    root = Path(__file__).resolve().parents[2]
+    (site / "tensorrt_llm").mkdir(parents=True)
+    (site / "tensorrt_llm" / "__init__.py").write_text(
+        "import json, pathlib, sys\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "from tests.serving import llmapi_facade\n"
+        "SamplingParams = llmapi_facade.SamplingParams\n"
+        "class LLM(llmapi_facade.LLM):\n"
+        "    def __init__(self, **kwargs):\n"
+        "        pathlib.Path(__file__).with_name('llm_args.json').write_text(json.dumps(kwargs))\n"
+        "        super().__init__(**kwargs)\n")
+    (site / "tensorrt_llm-1.3.0.dist-info").mkdir()
+    (site / "tensorrt_llm-1.3.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: tensorrt_llm\nVersion: 1.3.0\n")
+
+
+def test_rendered_trtllm_repository_serves_through_the_llmapi_engine(tmp_path, tiny_model):
+    from steerlm.serve import TritonServer
+    from steerlm.serve.repository import render_repository
+    from steerlm_client import SteerClient
+
+    repo = render_repository(tmp_path / "repo", tiny_model, backend="trtllm", max_batch_size=4,
+                             engine_options={"tensor_parallel_size": 1})
+    # The python backend puts a model's version directory on sys.path: the generator finds this one there.
+    site = repo / "generator" / "1"
+    install_fake_tensorrt_llm(site)
+    question = "Where and when did techno music originate?"
+    with TritonServer(repo_dir=repo, workdir=tmp_path / "run") as server:
+        client = SteerClient(server.http_url, "http", timeout=120)
+        answer = client.generate(question, max_tokens=12)
+        streamed = "".join(client.stream(question, max_tokens=12))
+    assert answer and answer == streamed
+    args = json.loads((site / "tensorrt_llm" / "llm_args.json").read_text())
+    assert args == {"model": str(tiny_model.resolve()), "tokenizer": str(tiny_model.resolve()),
+                    "tensor_parallel_size": 1, "max_batch_size": 4}
