@@ -157,6 +157,10 @@ class LLMAPIEngine:
         self._logits_processors = logits_processors
         self._closed = False
         self._tasks: set[asyncio.Task] = set()
+        # Requests whose client may go away, polled together (as upstream's Triton model does) rather than by a
+        # task each; and those found cancelled, whose consumer then ends without a response.
+        self._watched: dict[asyncio.Task, tuple[GenerationRequest, Any]] = {}
+        self._aborted: set[asyncio.Task] = set()
         self._pending = 0  # submitted and not yet ended; read by the generator's watchdog and metrics
         self._lock = threading.Lock()
         self.tokens = 0  # tokens delivered
@@ -164,6 +168,7 @@ class LLMAPIEngine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="steerlm-llmapi", daemon=True)
         self._thread.start()
+        self._poller = asyncio.run_coroutine_threadsafe(self._poll_cancelled(), self._loop)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike, options: dict[str, Any] | None = None) -> LLMAPIEngine:
@@ -200,6 +205,8 @@ class LLMAPIEngine:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+        self._poller.cancel()
+
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result()
         try:
             # While the loop still runs: the executor's last callbacks for aborted requests land on it.
@@ -235,19 +242,21 @@ class LLMAPIEngine:
             log.warning("request refused: %s", exc)
             _fail(req, str(exc))
             return
-        cancelled = asyncio.Event()
-        watcher = self._loop.create_task(self._watch_cancel(req, result, cancelled, asyncio.current_task()))
+        task = asyncio.current_task()
+        if req.cancelled is not None:
+            self._watched[task] = (req, result)
         try:
             await self._consume(req, result)
         except asyncio.CancelledError:
-            if not cancelled.is_set():  # close(), not the client: end the request with an error
+            if task not in self._aborted:  # close(), not the client: end the request with an error
                 _abort(result)
                 _fail(req, "server is shutting down")
         except Exception as exc:
             log.warning("generation failed: %s", exc)
             _fail(req, f"generation failed: {exc}")
         finally:
-            watcher.cancel()
+            self._watched.pop(task, None)
+            self._aborted.discard(task)
 
     async def _consume(self, req: GenerationRequest, result: Any) -> None:
         stops = multi_token_stop_words(req.params)
@@ -270,16 +279,21 @@ class LLMAPIEngine:
                 return
         raise RuntimeError("TensorRT-LLM ended the request without a final response")
 
-    async def _watch_cancel(self, req: GenerationRequest, result: Any, cancelled: asyncio.Event,
-                            consumer: asyncio.Task) -> None:
-        """Abort the request in the engine once the client is gone; its consumer stops without a response."""
-        if req.cancelled is None:
-            return
-        while not req.cancelled():
+    async def _poll_cancelled(self) -> None:
+        """Abort in the engine every request whose client is gone; its consumer stops without a response."""
+        while True:
             await asyncio.sleep(CANCEL_POLL_S)
-        cancelled.set()
-        _abort(result)
-        consumer.cancel()
+            for task, (req, result) in list(self._watched.items()):
+                try:
+                    gone = req.cancelled()
+                except Exception:
+                    log.exception("cancelled() failed")
+                    continue
+                if gone:
+                    del self._watched[task]
+                    self._aborted.add(task)
+                    _abort(result)
+                    task.cancel()
 
     @staticmethod
     def _deliver(req: GenerationRequest, tokens: list[int], new: list[int], final: bool) -> None:

@@ -126,7 +126,7 @@ def llm(tiny_model):
 def engine(llm):
     eng = LLMAPIEngine(llm, llmapi_facade.SamplingParams)
     yield eng
-    eng._loop.call_soon_threadsafe(eng._loop.stop)  # the facade LLM is shut down by its own fixture
+    eng.close()  # shuts the facade LLM down too
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +277,8 @@ def test_close_ends_running_requests_with_an_error_and_shuts_the_llm_down(tiny_m
         eng.submit(c.request(prompt[0], SamplingParams(max_tokens=1)))
 
 
-def test_a_tensorrt_engine_takes_single_token_bad_words_and_refuses_longer_ones(prompt, llm, reference):
+def test_a_tensorrt_engine_takes_single_token_bad_words_and_refuses_longer_ones(tiny_model, prompt, reference):
+    llm = llmapi_facade.LLM(str(tiny_model), max_batch_size=2)
     eng = LLMAPIEngine(llm, llmapi_facade.SamplingParams, logits_processors=False)
     try:
         assert run(eng, prompt[0], SamplingParams(max_tokens=4, bad_words=[[reference[0]]])).tokens[0] != reference[0]
@@ -285,7 +286,7 @@ def test_a_tensorrt_engine_takes_single_token_bad_words_and_refuses_longer_ones(
         c = run(eng, prompt[0], SamplingParams(max_tokens=4, bad_words=[[1, 2]]))
         assert "bad_words" in c.errors[0] and "single-token" in c.errors[0]
     finally:
-        eng._loop.call_soon_threadsafe(eng._loop.stop)
+        eng.close()
 
 
 # -- loading: layout, options, versions ----------------------------------------------------------------------
