@@ -14,6 +14,7 @@ ifeq ($(origin RM),default)
 RM :=
 endif
 BACKEND ?= cpu
+DEVICE ?=
 ENGINE_DIR ?=
 TP ?= 1
 HTTP_PORT ?= 8000
@@ -24,14 +25,17 @@ DTYPE ?= float16
 GPU ?= h100
 OUT ?=
 
-.PHONY: setup test serve demo eval engine tiny lock clean help
+SOAK_REQUESTS ?= 5000
+
+.PHONY: setup test soak serve demo eval engine tiny lock clean help
 
 help:
 	@echo "make setup                 create .venv with everything a CPU machine needs (pinned)"
 	@echo "make demo                  the whole SteerLM method on CPU in ~10 minutes"
 	@echo "make test                  run the test suite"
 	@echo "make tiny                  write a tiny random SteerLM checkpoint to runs/tiny"
-	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|trtllm ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT=]"
+	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|torch|trtllm DEVICE=cuda ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT=]"
+	@echo "make soak [SOAK_REQUESTS=5000]   the serving load test, longer (32 mixed clients, 0 lost)"
 	@echo "make engine MODEL=DIR TP=N DTYPE=float16|bfloat16|fp8 GPU=a100|h100 [OUT=DIR]"
 	@echo "make eval MODEL=DIR RM=DIR"
 	@echo "make prepare DATA_IN='a.csv b.jsonl' [DATA_DIR=runs/data]   public data -> conversation JSONL + split"
@@ -55,6 +59,9 @@ lock:
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+soak: $(STAMP)
+	SOAK_REQUESTS=$(SOAK_REQUESTS) $(PY) -m pytest -q -s tests/serving/soak_load.py
+
 tiny: $(STAMP)
 	$(PY) -m steer_train init-tiny --out runs/tiny
 
@@ -64,7 +71,7 @@ TRTLLM := $(filter trtllm,$(BACKEND))
 serve: $(if $(TRTLLM),,$(STAMP))
 	$(if $(TRTLLM),PYTHONPATH=$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON),$(PY)) -m steerlm.serve \
 		--model $(MODEL) $(if $(RM),--reward-model $(RM)) --backend $(BACKEND) \
-		$(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) $(if $(filter-out file,$(origin TP)),--tp $(TP)) \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) $(if $(filter-out file,$(origin TP)),--tp $(TP)) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 engine: $(STAMP)

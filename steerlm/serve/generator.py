@@ -137,8 +137,9 @@ class GeneratorCore:
                           max_tokens=prepared.max_tokens, trailer=self.trailer)
         job = _Job(prepared, sink, text)
         try:
+            # Tokens come one by one even for a whole answer: its stop strings are found in text as they appear.
             self.engine.submit(GenerationRequest(prepared.input_ids, prepared.params(), job.emit,
-                                                 stream=prepared.stream, fail=job.fail, cancelled=job.cancelled))
+                                                 stream=True, fail=job.fail, cancelled=job.cancelled))
         except Exception as exc:  # e.g. the engine is shutting down
             job.fail(f"generation could not start: {exc}")
 

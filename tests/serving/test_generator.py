@@ -90,7 +90,7 @@ def test_token_counts_are_returned_when_asked(core, builder):
 def test_a_stop_string_seen_in_text_ends_the_answer_and_frees_the_row(core, builder, engine):
     answer = run(core, builder.build(QUESTION, 60)).wait().text()
     stop = answer[len(answer) // 3 : len(answer) // 3 + 3]
-    sink = run(core, builder.build(QUESTION, 800, stop_words=[stop], stream=True)).wait()
+    sink = run(core, builder.build(QUESTION, 800, stop_words=[stop])).wait()
     steps_at_stop = engine.steps
     assert sink.text() == answer[: answer.index(stop)]
     assert sink.last()["finish_reason"][0, 0] == b"stop"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import threading
 
-import numpy as np
 import pytest
 
 from steerlm.tokenize import load_tokenizer
@@ -152,37 +151,3 @@ def test_stock_tensorrtllm_backend_clients_work_over_http_generate(server):
         doc = json.loads(r.read())
     assert doc["text_output"] == SteerClient(server.grpc_url).generate(QUESTION, max_tokens=16)
     assert re.match(r"<extra_id_0>System\n", doc["prompt"])
-
-
-def test_generation_model_keeps_the_tensorrt_llm_tensor_contract(server, tiny_model):
-    """`tensorrt_llm` answers a raw request with the C++ backend's tensors (ModelStreamInfer: decoupled)."""
-    import tritonclient.grpc as grpcclient
-
-    from steerlm.serve.requests import RequestBuilder, word_list
-
-    prepared = RequestBuilder(tiny_model).build(QUESTION, 8)
-    ids = np.array([prepared.input_ids], dtype=np.int32)
-    tensors = {
-        "input_ids": ids, "input_lengths": np.array([[ids.shape[1]]], dtype=np.int32),
-        "request_output_len": np.array([[8]], dtype=np.int32), "end_id": np.array([[prepared.end_id]], np.int32),
-        "pad_id": np.array([[prepared.pad_id]], np.int32), "stop_words_list": word_list(prepared.stop_words)[None],
-        "streaming": np.array([[True]]),
-    }
-    inputs = []
-    for name, arr in tensors.items():
-        inp = grpcclient.InferInput(name, list(arr.shape), "BOOL" if arr.dtype == bool else "INT32")
-        inp.set_data_from_numpy(arr)
-        inputs.append(inp)
-    results = []
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=lambda result, error: results.append((result, error)))
-    client.async_stream_infer("tensorrt_llm", inputs)
-    client.stop_stream()
-    client.close()
-    assert all(e is None for _, e in results)
-    tokens = [r.as_numpy("output_ids") for r, _ in results]
-    assert all(t.dtype == np.int32 and t.ndim == 3 and t.shape[:2] == (1, 1) for t in tokens)
-    lengths = [int(r.as_numpy("sequence_length")[0, 0]) for r, _ in results]
-    assert lengths == [t.shape[2] for t in tokens]
-    streamed = np.concatenate([t[0, 0] for t in tokens]).tolist()
-    assert 1 <= len(streamed) <= 8 and prepared.end_id not in streamed
