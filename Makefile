@@ -72,9 +72,13 @@ soak: $(STAMP)
 tiny: $(STAMP)
 	$(PY) -m steer_train init-tiny --out runs/tiny
 
-serve: $(STAMP)
-	$(PY) -m steerlm.serve --model $(MODEL) $(if $(RM),--reward-model $(RM)) --backend $(BACKEND) \
-		$(if $(DEVICE),--device $(DEVICE)) $(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) --tp $(TP) \
+# BACKEND=trtllm runs in NVIDIA's container with its own python (TensorRT-LLM, CUDA torch), not .venv;
+# TP reaches the server only when given (else the engine's extra_llm_api_options.yaml decides).
+TRTLLM := $(filter trtllm,$(BACKEND))
+serve: $(if $(TRTLLM),,$(STAMP))
+	$(if $(TRTLLM),PYTHONPATH=$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON),$(PY)) -m steerlm.serve \
+		--model $(MODEL) $(if $(RM),--reward-model $(RM)) --backend $(BACKEND) \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) $(if $(filter-out file,$(origin TP)),--tp $(TP)) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 engine: $(STAMP)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from steerlm.serve.launch import engine_world_size, trtllm_command
+from steerlm.serve.launch import trtllm_command
 from steerlm.serve.repository import RenderError, render_repository
 from steerlm.serve.requests import DEFAULT_MAX_INPUT_BYTES
 from steerlm.serve.triton import ServerError, TritonServer, server_env, shell_line
@@ -53,15 +53,17 @@ def _raise_stop(*_) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
-              help="SteerLM checkpoint (HF weights + tokenizer.json + steerlm.json).")
+              help="SteerLM checkpoint (HF weights + tokenizer.json + steerlm.json), or what `make engine` wrote.")
 @click.option("--reward-model", "reward_model_dir", type=click.Path(exists=True, file_okay=False),
               help="Also serve this attribute (reward) model as `reward_model`.")
 @click.option("--backend", type=click.Choice(["cpu", "torch", "trtllm"]), default="cpu", show_default=True,
               help="cpu: the PyTorch engine on the CPU; torch: the PyTorch engine on --device (cuda: bf16); "
-                   "trtllm: TensorRT-LLM (GPU container).")
+                   "trtllm: TensorRT-LLM's LLM API (GPU; docs/serving-gpu.md).")
 @click.option("--device", default=None, help="torch backend: cpu, cuda or cuda:N [default: cpu].")
-@click.option("--engine-dir", type=click.Path(file_okay=False), help="trtllm: what `make engine` wrote.")
-@click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks (trtllm).")
+@click.option("--engine-dir", type=click.Path(exists=True, file_okay=False),
+              help="trtllm: load the engine from this `make engine` output instead of --model.")
+@click.option("--tp", type=int, default=None,
+              help="trtllm: tensor-parallel size [default: the engine's extra_llm_api_options.yaml, else 1].")
 @click.option("--http-port", default=8000, show_default=True, help="HTTP port (0: any free port).")
 @click.option("--grpc-port", default=8001, show_default=True, help="gRPC port (0: any free port).")
 @click.option("--metrics-port", default=8002, show_default=True, help="Metrics port (0: any free port).")
@@ -86,18 +88,31 @@ def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port
 
     The cpu/torch backends run the bundled tritonserver here, wait until it is ready, print the endpoints and
     run until Ctrl-C; the command exits non-zero, naming the cause, if the server or its generator dies. The
-    trtllm backend renders the same repository for NVIDIA's Triton TensorRT-LLM container and runs
-    tritonserver there."""
+    trtllm backend renders the same repository with the TensorRT-LLM LLM API engine and runs one tritonserver
+    (its engine starts the workers of other tensor-parallel ranks itself)."""
     if model_dir is None and reward_model_dir is None:
         raise click.UsageError("give --model (and/or --reward-model)")
-    if backend != "trtllm" and (engine_dir or tp != 1):
+    if backend != "trtllm" and (engine_dir or tp not in (None, 1)):
         raise click.UsageError("--engine-dir and --tp belong to --backend trtllm")
     if backend != "torch" and device is not None:
         raise click.UsageError("--device belongs to --backend torch")
-    if backend == "trtllm" and engine_dir:
-        size = engine_world_size(engine_dir) if Path(engine_dir).is_dir() else None
-        if size is not None and size != tp:
-            raise click.UsageError(f"the engine in {engine_dir} was built for {size} ranks but --tp is {tp}")
+    engine_options = {"tensor_parallel_size": tp} if backend == "trtllm" and tp is not None else {}
+    if backend == "trtllm" and model_dir is not None:
+        from steerlm.serve.llmapi import LLMAPIError, preflight, read_layout
+
+        try:
+            layout = read_layout(engine_dir or model_dir, engine_options)
+        except LLMAPIError as exc:
+            raise click.ClickException(str(exc)) from None
+        if engine_dir is None and layout.tokenizer != Path(model_dir):
+            # A legacy engine output keeps the template next to the engine: render from there.
+            engine_dir, model_dir = model_dir, str(layout.tokenizer)
+        try:
+            preflight(engine_dir or model_dir, engine_options)
+        except LLMAPIError as exc:
+            if not dry_run:
+                raise click.ClickException(str(exc)) from None
+            click.echo(f"warning: {exc}", err=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_stop)
     repo, workdir = _run_paths(repo_dir)
@@ -105,13 +120,13 @@ def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port
     try:
         try:
             render_repository(repo, model_dir, reward_model_dir, backend=backend, engine_dir=engine_dir,
-                              max_batch_size=max_batch_size, device=device, max_input_bytes=max_input_bytes,
-                              stall_timeout=stall_timeout)
+                              max_batch_size=max_batch_size, device=device, engine_options=engine_options,
+                              max_input_bytes=max_input_bytes, stall_timeout=stall_timeout)
         except (RenderError, FileNotFoundError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"rendered the {backend} model repository into {repo}")
         if backend == "trtllm":
-            cmd = trtllm_command(repo, tp, http_port, grpc_port, metrics_port, address, tritonserver_bin)
+            cmd = trtllm_command(repo, http_port, grpc_port, metrics_port, address, tritonserver_bin)
             click.echo("server command:\n  " + " ".join(shlex.quote(c) for c in cmd))
             if not dry_run:
                 _run_foreground(cmd)
@@ -167,7 +182,7 @@ def _run_foreground(cmd: list[str]) -> None:
     except FileNotFoundError:
         raise click.ClickException(
             f"{cmd[0]} not found: run this inside NVIDIA's Triton TensorRT-LLM container "
-            f"(or pass --tritonserver; mpirun is needed for --tp > 1)") from None
+            f"nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3 (or pass --tritonserver)") from None
     try:
         sys.exit(proc.wait())
     except _Stop:

@@ -15,6 +15,7 @@ from steerlm.sampling import GenerationRequest
 
 ENGINES: dict[str, str] = {
     "torch": "steerlm.serve.engines:torch_engine",
+    "trtllm": "steerlm.serve.llmapi:llmapi_engine",
 }
 
 

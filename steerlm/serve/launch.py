@@ -1,8 +1,5 @@
-"""Command lines for NVIDIA's tritonserver with the TensorRT-LLM backend (the layout of NVIDIA/TensorRT-LLM
-triton_backend/all_models/inflight_batcher_llm).
-
-One tritonserver process per tensor-parallel rank under mpirun; rank 0 serves every model, the other ranks
-load only `tensorrt_llm`. Each rank gets its own python backend shared-memory prefix."""
+"""Command line for NVIDIA's tritonserver serving the repository with the TensorRT-LLM LLM API generator
+(docs/serving-gpu.md)."""
 
 from __future__ import annotations
 
@@ -31,25 +28,15 @@ def engine_world_size(engine_dir: str | os.PathLike) -> int | None:
     return int(size) if size is not None else None
 
 
-def trtllm_command(repo_dir: str | os.PathLike, tp: int, http_port: int, grpc_port: int, metrics_port: int,
+def trtllm_command(repo_dir: str | os.PathLike, http_port: int, grpc_port: int, metrics_port: int,
                    address: str = "127.0.0.1", tritonserver: str | None = None) -> list[str]:
-    if tp < 1:
-        raise ValueError(f"--tp must be >= 1, got {tp}")
-    tritonserver = tritonserver or default_tritonserver()
-    cmd: list[str] = ["mpirun", "--allow-run-as-root"] if tp > 1 else []
-    for rank in range(tp):
-        if tp > 1:
-            cmd += ["-n", "1"]
-        cmd += [
-            tritonserver,
-            f"--model-repository={repo_dir}",
-            f"--http-address={address}", f"--http-port={http_port}",
-            f"--grpc-address={address}", f"--grpc-port={grpc_port}",
-            f"--metrics-address={address}", f"--metrics-port={metrics_port}",
-        ]
-        if rank > 0:
-            cmd += ["--model-control-mode=explicit", "--load-model=tensorrt_llm"]
-        cmd += ["--disable-auto-complete-config", f"--backend-config=python,shm-region-prefix-name=prefix{rank}_"]
-        if tp > 1:
-            cmd += [":"]
-    return cmd[:-1] if tp > 1 else cmd
+    """One tritonserver, whatever the tensor-parallel size: the generator's LLM API engine starts its own MPI
+    workers for the other ranks (as upstream's Triton `llmapi` model does), so there is no mpirun here."""
+    return [
+        tritonserver or default_tritonserver(),
+        f"--model-repository={repo_dir}",
+        f"--http-address={address}", f"--http-port={http_port}",
+        f"--grpc-address={address}", f"--grpc-port={grpc_port}",
+        f"--metrics-address={address}", f"--metrics-port={metrics_port}",
+        "--disable-auto-complete-config",
+    ]

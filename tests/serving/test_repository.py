@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 from google.protobuf import text_format
@@ -125,33 +123,3 @@ def test_render_refuses_what_cannot_work(tmp_path, tiny_model, problem):
         render_repository(tmp_path / "repo", **kwargs)
     if problem == "occupied_dir":
         assert (tmp_path / "repo" / "notes.txt").read_text() == "mine"
-
-
-def serve_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "steerlm.serve", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_dry_run_prints_one_tritonserver_per_rank_under_mpirun(tmp_path, tiny_model, engine_dir):
-    out = serve_cli("--model", tiny_model, "--backend", "trtllm", "--engine-dir", engine_dir, "--tp", 2,
-                    "--repo-dir", tmp_path / "repo", "--tritonserver", "/opt/tritonserver/bin/tritonserver",
-                    "--dry-run")
-    assert out.returncode == 0, out.stderr
-    line = out.stdout.splitlines()[-1].split()
-    assert line[:2] == ["mpirun", "--allow-run-as-root"]
-    ranks = " ".join(line[2:]).split(" : ")
-    assert len(ranks) == 2
-    repo = f"--model-repository={(tmp_path / 'repo').resolve()}"
-    for rank, text in enumerate(ranks):
-        words = text.split()
-        assert words[:3] == ["-n", "1", "/opt/tritonserver/bin/tritonserver"] and repo in words
-        assert f"--backend-config=python,shm-region-prefix-name=prefix{rank}_" in words
-        assert "--http-port=8000" in words and "--grpc-port=8001" in words
-    assert "--load-model=tensorrt_llm" in ranks[1] and "--model-control-mode=explicit" in ranks[1]
-    assert "--load-model" not in ranks[0]
-    assert params(config(tmp_path / "repo", "generator"))["generation_engine"] == "trtllm"
-
-
-def test_tp_must_match_the_engine(tmp_path, tiny_model, engine_dir):
-    out = serve_cli("--model", tiny_model, "--backend", "trtllm", "--engine-dir", engine_dir, "--tp", 1, "--dry-run")
-    assert out.returncode != 0 and "built for 2 ranks but --tp is 1" in out.stderr
