@@ -19,6 +19,7 @@ TP ?= 1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+API_PORT ?= 8080
 # engine
 DTYPE ?= float16
 GPU ?= h100
@@ -31,7 +32,7 @@ help:
 	@echo "make demo                  the whole SteerLM method on CPU in ~10 minutes"
 	@echo "make test                  run the test suite"
 	@echo "make tiny                  write a tiny random SteerLM checkpoint to runs/tiny"
-	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|trtllm ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT=]"
+	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|trtllm ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT= API_PORT=]"
 	@echo "make engine MODEL=DIR TP=N DTYPE=float16|bfloat16|fp8 GPU=a100|h100 [OUT=DIR]"
 	@echo "make eval MODEL=DIR RM=DIR"
 	@echo "make prepare DATA_IN='a.csv b.jsonl' [DATA_DIR=runs/data]   public data -> conversation JSONL + split"
@@ -61,7 +62,7 @@ tiny: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m steerlm.serve --model $(MODEL) $(if $(RM),--reward-model $(RM)) --backend $(BACKEND) \
 		$(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) --tp $(TP) \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --api-port $(API_PORT)
 
 engine: $(STAMP)
 	$(PY) build/build_engine.py --model_dir $(MODEL) --tp_size $(TP) --dtype $(DTYPE) --gpu $(GPU) \

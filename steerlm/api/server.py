@@ -6,6 +6,8 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import uvicorn
 
@@ -66,3 +68,25 @@ class ApiServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def beside(model_dir: str | os.PathLike | None, grpc_url: str, port: int,
+           echo: Callable[[str], None] = print) -> Iterator[ApiServer | None]:
+    """The API next to a running tritonserver for `python -m steerlm.serve` (port -1 or no generator: none)."""
+    if model_dir is None or port < 0:
+        yield None
+        return
+    try:
+        api = ApiServer(model_dir, grpc_url, port=port).start()
+    except OSError as exc:
+        raise SystemExit(f"Error: {exc} (choose another with --api-port, 0 for any free port)") from None
+    try:
+        echo(f"  OpenAI   {api.base_url}   (POST /chat/completions, /completions; GET /models)\n"
+             f"  NeMo     {api.url}/generate   (PUT, as megatron_gpt_eval's server; GET {api.url}/health)\n"
+             f"  Try:  python -c \"from openai import OpenAI; print(OpenAI(base_url='{api.base_url}', api_key='-')"
+             f".chat.completions.create(model='steerlm', messages=[{{'role': 'user', 'content': 'Hi!'}}], "
+             f"extra_body={{'attributes': {{'verbosity': 4}}}}).choices[0].message.content)\"")
+        yield api
+    finally:
+        api.stop()

@@ -63,9 +63,11 @@ def _banner(server_http: str, server_grpc: str, metrics: str, repo: Path, log: P
 @click.option("--tritonserver", "tritonserver_bin", default=None,
               help="trtllm: tritonserver executable [default: /opt/tritonserver/bin/tritonserver or PATH].")
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for the server to be ready.")
+@click.option("--api-port", default=8080, show_default=True,
+              help="OpenAI-compatible and NeMo /generate HTTP API port (0: any free port; -1: no API).")
 @click.option("--dry-run", is_flag=True, help="Render the repository and print the server command; start nothing.")
 def main(model_dir, reward_model_dir, backend, engine_dir, tp, http_port, grpc_port, metrics_port, address,
-         repo_dir, max_batch_size, kv_cache_reuse, tritonserver_bin, timeout, dry_run) -> None:
+         repo_dir, max_batch_size, kv_cache_reuse, tritonserver_bin, timeout, api_port, dry_run) -> None:
     """Serve a SteerLM model through the Triton ensemble `steerlm` (and `reward_model` with --reward-model).
 
     The CPU backend runs the bundled tritonserver here, waits until it is ready, prints the endpoints and
@@ -102,10 +104,12 @@ def main(model_dir, reward_model_dir, backend, engine_dir, tp, http_port, grpc_p
     if dry_run:
         click.echo("server command (run it from any shell):\n  " + shell_line(server.command()))
         return
-    _serve(server, backend, remove_workdir=workdir is None)
+    _serve(server, backend, remove_workdir=workdir is None, api=(model_dir, api_port))
 
 
-def _serve(server: TritonServer, backend: str, remove_workdir: bool) -> None:
+def _serve(server: TritonServer, backend: str, remove_workdir: bool, api: tuple[str | None, int]) -> None:
+    from steerlm.api.server import beside
+
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -116,10 +120,11 @@ def _serve(server: TritonServer, backend: str, remove_workdir: bool) -> None:
     try:
         click.echo(_banner(server.http_url, server.grpc_url, server.metrics_url, server.repo_dir, server.log_path,
                            backend))
-        click.echo("Ctrl-C stops the server.")
-        while not stop.wait(0.5):
-            if server.process is None or server.process.poll() is not None:
-                raise click.ClickException(f"tritonserver exited:\n{server.log_tail()}")
+        with beside(api[0], server.grpc_url, api[1], click.echo):
+            click.echo("Ctrl-C stops the server.")
+            while not stop.wait(0.5):
+                if server.process is None or server.process.poll() is not None:
+                    raise click.ClickException(f"tritonserver exited:\n{server.log_tail()}")
     finally:
         click.echo("stopping tritonserver ...", err=True)
         server.stop()
