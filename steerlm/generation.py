@@ -4,6 +4,11 @@ Requests are prefilled alone and then join one running batch; every decode step 
 together. The batch keeps one KV cache, left-padded to a common length; it is re-laid out only when a
 request joins or leaves. Semantics follow TensorRT-LLM's sampling: greedy unless top_k > 1 or top_p is set;
 the end id ends a sequence and is not returned; stop words end it and are returned.
+
+Isolation: parameters are checked (`SamplingParams.problem`) before a request joins the batch, and sampling
+runs per row, so a row that still fails ends only its own request. Cancellation: `cancelled()` is polled
+before every decode step and a cancelled row leaves the batch before the next one. `steps`, `tokens` and
+`last_progress` let the serving layer export metrics and notice a stalled engine.
 """
 
 from __future__ import annotations
@@ -12,39 +17,16 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+import time
+from typing import Sequence
 
 import torch
 
+from steerlm.sampling import GenerationRequest, SamplingParams
+
+__all__ = ["Engine", "GenerationRequest", "SamplingParams", "sample"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    end_id: int | None = None
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no limit
-    top_p: float = 0.0  # 0: not set
-    seed: int | None = None
-    stop_words: list[list[int]] = field(default_factory=list)
-    bad_words: list[list[int]] = field(default_factory=list)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0 or self.top_k == 1 or (self.top_k <= 0 and self.top_p <= 0)
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
-    # emit(new_token_ids, final): called with each token while streaming, else once with all tokens.
-    emit: Callable[[list[int], bool], None]
-    stream: bool = False
-    fail: Callable[[str], None] | None = None
-    cancelled: Callable[[], bool] | None = None
 
 
 class _Seq:
@@ -53,9 +35,8 @@ class _Seq:
         self.tokens: list[int] = []
         self.gen: torch.Generator | None = None
         if not req.params.greedy:
-            self.gen = torch.Generator().manual_seed(
-                req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            )
+            seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+            self.gen = torch.Generator().manual_seed(seed % 2**63)
 
     @property
     def length(self) -> int:
@@ -73,9 +54,31 @@ class _Seq:
     def stopped(self) -> bool:
         return any(w and self.tokens[-len(w):] == w for w in self.req.params.stop_words)
 
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """This row's logits after bad words, min_tokens and penalties (NaN never reaches sampling)."""
+        params = self.req.params
+        logits = torch.nan_to_num(logits.float(), nan=float("-inf"))
+        banned = self.banned()
+        if params.end_id is not None and len(self.tokens) < params.min_tokens:
+            banned.append(params.end_id)
+        if banned:
+            logits[banned] = float("-inf")
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(self.req.prompt_ids) | set(self.tokens)), dtype=torch.long,
+                                device=logits.device)
+            picked = logits[seen]
+            logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
+                                       picked * params.repetition_penalty)
+        if self.tokens and (params.presence_penalty or params.frequency_penalty):
+            ids, counts = torch.tensor(self.tokens, device=logits.device).unique(return_counts=True)
+            logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.float()
+        return logits
+
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     """One token id from a [vocab] row of logits."""
+    if not bool(torch.isfinite(logits).any()):
+        raise ValueError("every token is excluded (bad_words/min_tokens leave nothing to sample)")
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits.float() / max(params.temperature, 1e-5)
@@ -89,6 +92,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
         drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= params.top_p
         sorted_p[drop] = 0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        raise ValueError("sampling probabilities are not finite")
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
@@ -96,11 +101,19 @@ class Engine:
     """Runs a Hugging Face causal LM for many concurrent requests on a background thread."""
 
     def __init__(self, model_dir: str | os.PathLike, *, max_batch_size: int = 8, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r}: this PyTorch build sees no CUDA device")
+        if dtype is None:  # bf16 on GPUs (what the checkpoints are trained in), fp32 on CPU
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self.device = device
+        # Counters read by other threads (metrics, stall watchdog); plain ints/floats, written by the loop only.
+        self.steps = 0  # decode steps and prefills run
+        self.tokens = 0  # tokens sampled
+        self.last_progress = time.monotonic()
         self.max_batch_size = max_batch_size
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
@@ -138,6 +151,15 @@ class Engine:
             raise RuntimeError(errors[0])
         return result
 
+    @property
+    def running(self) -> int:
+        """Rows in the batch now."""
+        return len(self._rows)
+
+    def pending(self) -> int:
+        """Requests running or waiting to join."""
+        return len(self._rows) + self._queue.qsize()
+
     def close(self) -> None:
         self._closed = True
         self._queue.put(None)
@@ -158,6 +180,7 @@ class Engine:
                     self._admit(item)
             except queue.Empty:
                 pass
+            self._drop_cancelled()
             if self._rows:
                 try:
                     self._step()
@@ -170,7 +193,18 @@ class Engine:
             _fail(seq.req, msg)
         self._rows, self._cache, self._pads = [], [], []
 
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, seq in enumerate(self._rows) if not _is_cancelled(seq.req)]
+        if len(keep) < len(self._rows):
+            self._keep(keep)
+
     def _admit(self, req: GenerationRequest) -> None:
+        if _is_cancelled(req):
+            return
+        problem = req.params.problem()
+        if problem:
+            _fail(req, problem)
+            return
         try:
             if not req.prompt_ids:
                 raise ValueError("input_ids is empty")
@@ -180,6 +214,7 @@ class Engine:
             seq = _Seq(req)
             ids = torch.tensor([req.prompt_ids], device=self.device)
             out = self.model(input_ids=ids, use_cache=True)
+            self._progress()
             cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
             if self._advance(seq, out.logits[0, -1]):
                 self._join(seq, cache)
@@ -187,16 +222,23 @@ class Engine:
             log.exception("prefill failed")
             _fail(req, str(exc))
 
+    def _progress(self) -> None:
+        self.steps += 1
+        self.last_progress = time.monotonic()
+
     def _advance(self, seq: _Seq, logits: torch.Tensor) -> bool:
-        """Sample the next token of `seq` and deliver it; False when the sequence is finished."""
+        """Sample the next token of `seq` and deliver it; False when the sequence is finished.
+
+        A failure here (sampling) ends this request only."""
         req, params = seq.req, seq.req.params
-        banned = seq.banned()
-        if banned:
-            logits = logits.clone()
-            logits[banned] = float("-inf")
-        token = sample(logits, params, seq.gen)
-        if req.cancelled is not None and req.cancelled():
+        if _is_cancelled(req):
             return False
+        try:
+            token = sample(seq.adjust(logits), params, seq.gen)
+        except Exception as exc:
+            _fail(req, f"sampling failed: {exc}")
+            return False
+        self.tokens += 1
         if token == params.end_id:
             self._deliver(seq, [], final=True)
             return False
@@ -259,6 +301,7 @@ class Engine:
         cache = DynamicCache(self._cache, config=self.model.config)
         out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True)
+        self._progress()
         self._cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         keep = []
         for i, seq in enumerate(self._rows):
@@ -274,6 +317,14 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
         return t
     pad = torch.zeros(t.shape[0], t.shape[1], missing, t.shape[3], dtype=t.dtype, device=t.device)
     return torch.cat([pad, t], dim=2)
+
+
+def _is_cancelled(req: GenerationRequest) -> bool:
+    try:
+        return req.cancelled is not None and bool(req.cancelled())
+    except Exception:
+        log.exception("cancelled() failed; dropping the request")
+        return True
 
 
 def _fail(req: GenerationRequest, msg: str) -> None:

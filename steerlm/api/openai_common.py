@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from steerlm.api.errors import ApiError, unsupported
-from steerlm.api.service import Prepared, Sampling, Service
+from steerlm.api.service import Prepared, Sampling, Service, Tally
 
 Attributes = dict[str, Any] | str | None
 
@@ -105,7 +105,7 @@ async def event_stream(service: Service, prepared: Prepared, *, first: dict | No
 
     An error after the response has started is sent as an `{"error": ...}` event (what OpenAI's client raises
     as APIError). A client that disconnects cancels this generator, and with it the Triton request."""
-    tally = service.tally(prepared)
+    tally = Tally(prepared)
     try:
         if first is not None:
             yield sse(first)

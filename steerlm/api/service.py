@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Mapping, TypeVar
 
 from fastapi import Request
 
@@ -19,8 +19,6 @@ from steerlm.api.errors import ApiError, unsupported
 from steerlm.api.triton import Ensemble, EnsembleError, Piece
 from steerlm.rawprompt import ParsedPrompt, PromptParseError, looks_raw, parse_prompt
 from steerlm.serve.requests import RequestBuilder, RequestError
-from steerlm.template import Segment
-from steerlm.tokenize import encode_segments
 
 T = TypeVar("T")
 
@@ -106,10 +104,13 @@ class Service:
         """Validate and build the ensemble's fields. `params` maps ensemble field names to the request's own."""
         if not self.ensemble.inputs:
             await self._connect()
+        knobs = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                 "seed": sampling.seed, **{name: getattr(sampling, name) for name in NEUTRAL}}
         try:
             built = self.builder.build(
                 conv.question, sampling.max_tokens or 1, attributes=conv.labels, system=conv.system,
-                history=json.dumps(conv.history) if conv.history else None, stop_words=sampling.stop)
+                history=json.dumps(conv.history) if conv.history else None, stop_words=sampling.stop,
+                sampling=knobs)
         except RequestError as exc:
             field_name = str(exc).split(" ", 1)[0].rstrip(":")
             raise ApiError(str(exc), params.get(field_name, field_name)) from None
@@ -154,11 +155,8 @@ class Service:
             raise ApiError(str(exc), None, status=400 if exc.bad_request else 502,
                            type="invalid_request_error" if exc.bad_request else "server_error") from None
 
-    def tally(self, prepared: Prepared) -> "Tally":
-        return Tally(prepared, lambda text: encode_segments(self.builder.tok, [Segment(text, True)])[0])
-
     async def complete(self, prepared: Prepared) -> Result:
-        tally = self.tally(prepared)
+        tally = Tally(prepared)
         async for piece in self.stream(prepared):
             tally.add(piece)
         return tally.result()
@@ -167,9 +165,8 @@ class Service:
 class Tally:
     """Text, token counts and finish reason of one request, piece by piece."""
 
-    def __init__(self, prepared: Prepared, encode: Callable[[str], list[int]]) -> None:
+    def __init__(self, prepared: Prepared) -> None:
         self.prepared = prepared
-        self.encode = encode
         self.text: list[str] = []
         self.prompt = ""
         self.completion_tokens: int | None = None
@@ -184,11 +181,10 @@ class Tally:
         return piece.text
 
     def tokens(self) -> int:
-        if self.completion_tokens is not None:
-            return self.completion_tokens
-        # An ensemble without the num_output_tokens output: the answer re-encoded, which can differ from the
-        # generated ids by the stop token and by merges the model did not make.
-        return len(self.encode("".join(self.text)))
+        if self.completion_tokens is None:
+            raise ApiError("the ensemble did not report num_output_tokens (it predates return_num_output_tokens)",
+                           None, status=502, type="server_error")
+        return self.completion_tokens
 
     def finish_reason(self) -> str:
         if self.reason in ("stop", "length"):

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import signal
 import sys
 import tempfile
-import threading
+import time
 from pathlib import Path
 
 import click
 
 from steerlm.serve.launch import engine_world_size, trtllm_command
 from steerlm.serve.repository import RenderError, render_repository
+from steerlm.serve.requests import DEFAULT_MAX_INPUT_BYTES
 from steerlm.serve.triton import ServerError, TritonServer, server_env, shell_line
 
 
@@ -41,15 +43,25 @@ def _banner(server_http: str, server_grpc: str, metrics: str, repo: Path, log: P
     return "\n".join(lines)
 
 
+class _Stop(BaseException):
+    """Ctrl-C or SIGTERM: raised in the main thread at any moment, so every exit path cleans up."""
+
+
+def _raise_stop(*_) -> None:
+    raise _Stop()
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
               help="SteerLM checkpoint (HF weights + tokenizer.json + steerlm.json).")
 @click.option("--reward-model", "reward_model_dir", type=click.Path(exists=True, file_okay=False),
               help="Also serve this attribute (reward) model as `reward_model`.")
-@click.option("--backend", type=click.Choice(["cpu", "trtllm"]), default="cpu", show_default=True,
-              help="cpu: PyTorch python model; trtllm: NVIDIA's C++ tensorrtllm backend (GPU container).")
-@click.option("--engine-dir", type=click.Path(file_okay=False), help="TensorRT-LLM engine directory (trtllm).")
-@click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks (trtllm; > 1 runs under mpirun).")
+@click.option("--backend", type=click.Choice(["cpu", "torch", "trtllm"]), default="cpu", show_default=True,
+              help="cpu: the PyTorch engine on the CPU; torch: the PyTorch engine on --device (cuda: bf16); "
+                   "trtllm: TensorRT-LLM (GPU container).")
+@click.option("--device", default=None, help="torch backend: cpu, cuda or cuda:N [default: cpu].")
+@click.option("--engine-dir", type=click.Path(file_okay=False), help="trtllm: what `make engine` wrote.")
+@click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks (trtllm).")
 @click.option("--http-port", default=8000, show_default=True, help="HTTP port (0: any free port).")
 @click.option("--grpc-port", default=8001, show_default=True, help="gRPC port (0: any free port).")
 @click.option("--metrics-port", default=8002, show_default=True, help="Metrics port (0: any free port).")
@@ -58,80 +70,97 @@ def _banner(server_http: str, server_grpc: str, metrics: str, repo: Path, log: P
 @click.option("--repo-dir", type=click.Path(file_okay=False),
               help="Render the model repository here (kept; default: a temporary directory).")
 @click.option("--max-batch-size", default=8, show_default=True, help="Requests generated together at most.")
-@click.option("--kv-cache-reuse/--no-kv-cache-reuse", default=True, show_default=True,
-              help="trtllm: reuse the KV cache of shared prefixes (engine built with paged context FMHA).")
+@click.option("--max-input-bytes", default=DEFAULT_MAX_INPUT_BYTES, show_default=True,
+              help="Largest text input (each of text_input, system, history, attributes, every stop/bad word), "
+                   "checked before it is read.")
+@click.option("--stall-timeout", default=120.0, show_default=True,
+              help="Seconds the engine may make no progress with requests pending before the server is stopped.")
 @click.option("--tritonserver", "tritonserver_bin", default=None,
               help="trtllm: tritonserver executable [default: /opt/tritonserver/bin/tritonserver or PATH].")
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for the server to be ready.")
 @click.option("--api-port", default=8080, show_default=True,
               help="OpenAI-compatible and NeMo /generate HTTP API port (0: any free port; -1: no API).")
 @click.option("--dry-run", is_flag=True, help="Render the repository and print the server command; start nothing.")
-def main(model_dir, reward_model_dir, backend, engine_dir, tp, http_port, grpc_port, metrics_port, address,
-         repo_dir, max_batch_size, kv_cache_reuse, tritonserver_bin, timeout, api_port, dry_run) -> None:
-    """Serve a SteerLM model through the Triton ensemble `steerlm` (and `reward_model` with --reward-model).
+def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port, grpc_port, metrics_port, address,
+         repo_dir, max_batch_size, max_input_bytes, stall_timeout, tritonserver_bin, timeout, api_port,
+         dry_run) -> None:
+    """Serve a SteerLM model through the Triton ensemble `steerlm` (also `ensemble`; and `reward_model` with
+    --reward-model).
 
-    The CPU backend runs the bundled tritonserver here, waits until it is ready, prints the endpoints and
-    runs until Ctrl-C. The trtllm backend renders the same repository for NVIDIA's Triton TensorRT-LLM
-    container and runs tritonserver there (under mpirun for --tp > 1)."""
+    The cpu/torch backends run the bundled tritonserver here, wait until it is ready, print the endpoints and
+    run until Ctrl-C; the command exits non-zero, naming the cause, if the server or its generator dies. The
+    trtllm backend renders the same repository for NVIDIA's Triton TensorRT-LLM container and runs
+    tritonserver there."""
     if model_dir is None and reward_model_dir is None:
         raise click.UsageError("give --model (and/or --reward-model)")
-    if backend == "cpu" and (engine_dir or tp != 1):
+    if backend != "trtllm" and (engine_dir or tp != 1):
         raise click.UsageError("--engine-dir and --tp belong to --backend trtllm")
-    if backend == "trtllm":
-        if not engine_dir:
-            raise click.UsageError("--backend trtllm needs --engine-dir (build one with `make engine`)")
-        size = engine_world_size(engine_dir) if Path(engine_dir).is_dir() else None
-        if size is not None and size != tp:
-            raise click.UsageError(f"the engine in {engine_dir} was built for {size} ranks but --tp is {tp}")
+    if backend != "torch" and device is not None:
+        raise click.UsageError("--device belongs to --backend torch")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stop)
     repo, workdir = _run_paths(repo_dir)
+    temporary = workdir is None
     try:
-        render_repository(repo, model_dir, reward_model_dir, backend=backend, engine_dir=engine_dir,
-                          max_batch_size=max_batch_size, kv_cache_reuse=kv_cache_reuse)
-    except (RenderError, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"rendered the {backend} model repository into {repo}")
+        try:
+            render_repository(repo, model_dir, reward_model_dir, backend=backend, engine_dir=engine_dir,
+                              max_batch_size=max_batch_size, device=device, max_input_bytes=max_input_bytes,
+                              stall_timeout=stall_timeout)
+        except (RenderError, FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"rendered the {backend} model repository into {repo}")
+        if backend == "trtllm":
+            cmd = trtllm_command(repo, tp, http_port, grpc_port, metrics_port, address, tritonserver_bin)
+            click.echo("server command:\n  " + " ".join(shlex.quote(c) for c in cmd))
+            if not dry_run:
+                _run_foreground(cmd)
+            return
+        # Ports given as 0 are picked by TritonServer, which picks again should one be taken before it binds.
+        server = TritonServer(repo_dir=repo, workdir=workdir or repo.parent, http_port=http_port,
+                              grpc_port=grpc_port, metrics_port=metrics_port, timeout=timeout,
+                              log_file=None if not temporary else _log_path())
+        if dry_run:
+            click.echo("server command (run it from any shell):\n  " + shell_line(server.command()))
+            return
+        _serve(server, backend, api=(model_dir, api_port))
+    except _Stop:
+        click.echo("stopped.", err=True)
+    finally:
+        if temporary:
+            shutil.rmtree(repo.parent, ignore_errors=True)
 
-    if backend == "trtllm":
-        cmd = trtllm_command(repo, tp, http_port, grpc_port, metrics_port, address, tritonserver_bin)
-        click.echo("server command:\n  " + " ".join(shlex.quote(c) for c in cmd))
-        if not dry_run:
-            _run_foreground(cmd)
-        return
 
-    # Ports given as 0 are picked by TritonServer, which picks again should one be taken before it binds.
-    server = TritonServer(repo_dir=repo, workdir=workdir or repo.parent, http_port=http_port,
-                          grpc_port=grpc_port, metrics_port=metrics_port, timeout=timeout)
-    if dry_run:
-        click.echo("server command (run it from any shell):\n  " + shell_line(server.command()))
-        return
-    _serve(server, backend, remove_workdir=workdir is None, api=(model_dir, api_port))
+def _log_path() -> Path:
+    """The server log of a temporary repository: outside it, so that it survives to be read after a failure."""
+    return Path(tempfile.gettempdir()) / f"steerlm-serve-{os.getpid()}.log"
 
 
-def _serve(server: TritonServer, backend: str, remove_workdir: bool, api: tuple[str | None, int]) -> None:
+def _serve(server: TritonServer, backend: str, api: tuple[str | None, int]) -> None:
     from steerlm.api.server import beside
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    failed = True
     try:
-        server.start()
-    except ServerError as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
+        try:
+            server.start()
+        except ServerError as exc:
+            raise click.ClickException(str(exc)) from None
         click.echo(_banner(server.http_url, server.grpc_url, server.metrics_url, server.repo_dir, server.log_path,
                            backend))
         with beside(api[0], server.grpc_url, api[1], click.echo):
             click.echo("Ctrl-C stops the server.")
-            while not stop.wait(0.5):
-                if server.process is None or server.process.poll() is not None:
-                    raise click.ClickException(f"tritonserver exited:\n{server.log_tail()}")
+            while True:
+                time.sleep(0.5)
+                problem = server.check_health()
+                if problem:
+                    raise click.ClickException(f"stopping: {problem}")
+    except _Stop:
+        failed = False
+        raise
     finally:
         click.echo("stopping tritonserver ...", err=True)
         server.stop()
-        if remove_workdir:
-            shutil.rmtree(server.workdir, ignore_errors=True)
-
-
+        if not failed and server.log_path.parent != server.workdir:
+            server.log_path.unlink(missing_ok=True)
 def _run_foreground(cmd: list[str]) -> None:
     import subprocess
 
@@ -143,7 +172,7 @@ def _run_foreground(cmd: list[str]) -> None:
             f"(or pass --tritonserver; mpirun is needed for --tp > 1)") from None
     try:
         sys.exit(proc.wait())
-    except KeyboardInterrupt:
+    except _Stop:
         proc.terminate()
         sys.exit(proc.wait())
 

@@ -1,22 +1,39 @@
 """Turn one SteerLM request into what the generator needs, as the preprocessing model does it.
 
-Every problem is a `RequestError` naming the field and what it allows, so one bad request fails alone.
+Every problem is a `RequestError` naming the field and what it allows, so one bad request fails alone and
+before it reaches the engine. The result travels to the generator as one signed JSON document
+(`PreparedRequest.to_wire`/`from_wire`): the generator runs only what preprocessing built, so a client that
+calls the generator directly cannot skip validation or smuggle control tokens in as ids.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import hmac
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from steerlm.sampling import SamplingParams
 from steerlm.schema import SchemaError
 from steerlm.spec import load_spec
 from steerlm.serve.textstream import answer_stop_strings
 from steerlm.tokenize import encode_segments, load_tokenizer
+
+# Default byte limit of each text input (configurable per server: --max-input-bytes).
+DEFAULT_MAX_INPUT_BYTES = 256 * 1024
+KEY_FILE = ".steerlm-key"
+# Optional sampling inputs of the ensemble (upstream tensorrtllm_backend names) and the defaults they take.
+SAMPLING_TYPES: dict[str, type] = {
+    "temperature": float, "top_k": int, "top_p": float, "seed": int, "min_tokens": int, "repetition_penalty": float,
+    "presence_penalty": float, "frequency_penalty": float,
+}
 
 
 class RequestError(ValueError):
@@ -34,6 +51,68 @@ class PreparedRequest:
     bad_words: list[list[int]]
     # Text that ends the answer and is never shown (see `steerlm.serve.textstream.TextStream`).
     stop_strings: list[str] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields beyond the ones above
+    stream: bool = False
+    exclude_input_in_output: bool = True  # False: the whole/first text_output starts with the prompt
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, end_id=self.end_id, stop_words=self.stop_words,
+                              bad_words=self.bad_words, **self.sampling)
+
+    def to_wire(self, key: bytes) -> tuple[bytes, bytes]:
+        """(document, signature) for the generator."""
+        doc = json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode("utf-8")
+        return doc, hmac.new(key, doc, hashlib.sha256).hexdigest().encode("ascii")
+
+    @classmethod
+    def from_wire(cls, doc: bytes, signature: bytes, key: bytes) -> "PreparedRequest":
+        expected = hmac.new(key, doc, hashlib.sha256).hexdigest().encode("ascii")
+        if not hmac.compare_digest(expected, bytes(signature)):
+            raise RequestError("this model takes requests from the steerlm ensemble only; send yours to `steerlm`")
+        return cls(**json.loads(doc))
+
+
+def load_key(repo_dir: str | os.PathLike, create: bool = False) -> bytes:
+    """The secret shared by preprocessing and the generator (a file in the rendered repository, never served)."""
+    path = Path(repo_dir) / KEY_FILE
+    if create:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip().encode("ascii")
+
+
+def decode_text(name: str, value: Any, limit: int) -> str:
+    """A text input as str, refused (naming the input) when it is not text, is larger than `limit` bytes or
+    is not UTF-8. The size is checked before anything else reads the value."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogatepass")
+    if not isinstance(value, (bytes, bytearray)):
+        raise RequestError(f"{name} must be text (UTF-8 string), got {type(value).__name__}")
+    if len(value) > limit:
+        raise RequestError(f"{name} is {len(value)} bytes; this server takes at most {limit} bytes per text input")
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"{name} is not valid UTF-8 (byte {exc.start}: {exc.reason}; "
+                           "lone surrogates are not text either)") from None
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    """A scalar input as int or float (ranges, and NaN/inf, are `SamplingParams.problem`'s to refuse)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(f"{name} must be an integer, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def word_list(words: Sequence[Sequence[int]]) -> np.ndarray:
@@ -125,11 +204,27 @@ class RequestBuilder:
         bad_words: Sequence[str] = (),
         end_id: int | None = None,
         pad_id: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
+        beam_width: int | None = None,
+        num_return_sequences: int | None = None,
+        **flags: bool,
     ) -> PreparedRequest:
+        """Validate and render one request. `sampling` holds the optional SAMPLING_TYPES inputs given;
+        `flags`: stream, exclude_input_in_output, return_num_input_tokens, return_num_output_tokens."""
         if not isinstance(question, str) or not question.strip():
             raise RequestError("text_input must be a non-empty question")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        if isinstance(max_tokens, np.generic):
+            max_tokens = max_tokens.item()
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise RequestError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        for name, value in (("beam_width", beam_width), ("num_return_sequences", num_return_sequences)):
+            if value is not None and _number(name, value, int) != 1:
+                raise RequestError(f"{name}: only 1 is supported (one greedy or sampled answer), got {value}")
+        unknown = set(flags) - {"stream", "exclude_input_in_output", "return_num_input_tokens",
+                                "return_num_output_tokens"}
+        if unknown:
+            raise TypeError(f"unknown flags: {sorted(unknown)}")
+        sampling = {k: _number(k, v, SAMPLING_TYPES[k]) for k, v in (sampling or {}).items() if v is not None}
         schema = self.spec.schema
         try:
             values = schema.parse(attributes or "")
@@ -150,29 +245,54 @@ class RequestBuilder:
                 f"max_tokens: the prompt is {len(ids)} tokens and the model's context is {self.max_positions}, "
                 f"so max_tokens must be <= {max(self.max_positions - len(ids), 0)} (got {max_tokens})"
             )
-        end_id = self.end_id if end_id is None else int(end_id)
-        return PreparedRequest(
+        vocab = self.tok.get_vocab_size()
+        for name, value in (("end_id", end_id), ("pad_id", pad_id)):
+            if value is not None and not 0 <= int(value) < vocab:
+                raise RequestError(f"{name} must be a token id in 0..{vocab - 1}, got {value}")
+        prepared = PreparedRequest(
             input_ids=ids,
             prompt=prompt,
             max_tokens=max_tokens,
-            end_id=end_id,
+            end_id=self.end_id if end_id is None else int(end_id),
             pad_id=self.pad_id if pad_id is None else int(pad_id),
             stop_words=self._words(stop_words, extra=self.model_stop_ids),
             bad_words=self._words(bad_words),
             stop_strings=self.model_stop_strings + [w for w in stop_words if w],
+            sampling=sampling,
+            **{k: bool(v) for k, v in flags.items() if v is not None},
         )
+        problem = prepared.params().problem()
+        if problem:
+            raise RequestError(problem)
+        return prepared
 
     @staticmethod
     def _history(history: str | None) -> list:
         if history is None or not history.strip():
             return []
+        shape = ('a JSON list of {"question": str, "answer": str, "attributes": "name:value,..." or '
+                 '{"name": value} (optional), "labels": "name:value,..." (optional)} objects')
         try:
             turns = json.loads(history)
         except json.JSONDecodeError as exc:
-            raise RequestError(
-                f"history is not valid JSON ({exc.msg} at position {exc.pos}); expected a list of "
-                '{"question": ..., "answer": ..., "attributes": "name:value,..." (optional)} objects'
-            ) from None
+            raise RequestError(f"history is not valid JSON ({exc.msg} at position {exc.pos}); expected {shape}") \
+                from None
+        except RecursionError:
+            raise RequestError(f"history is nested too deeply; expected {shape}") from None
         if not isinstance(turns, list):
-            raise RequestError('history must be a JSON list of {"question": ..., "answer": ...} objects')
+            raise RequestError(f"history must be {shape}")
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise RequestError(f"history[{i}] must be an object; history is {shape}")
+            for key in ("question", "answer"):
+                if not isinstance(turn.get(key), str):
+                    raise RequestError(f"history[{i}].{key} must be a string")
+            labels, attrs = turn.get("labels"), turn.get("attributes")
+            if labels is not None and not isinstance(labels, str):
+                raise RequestError(f'history[{i}].labels must be a label string "name:value,...", '
+                                   f"got {type(labels).__name__}")
+            if attrs is not None and not (isinstance(attrs, str) or (
+                    isinstance(attrs, dict) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                    for v in attrs.values()))):
+                raise RequestError(f'history[{i}].attributes must be "name:value,..." or an object of integers')
         return turns

@@ -9,6 +9,7 @@ stub for the running Python version; the interpreter's `bin/` first on PATH (the
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -67,6 +68,52 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     ld = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     env["LD_LIBRARY_PATH"] = os.pathsep.join([libdir] + [p for p in ld if p != libdir])
     return env
+
+
+# What the generator logs before it ends its own process (steerlm.serve.generator.Watchdog).
+STALL_MARK = "steerlm generator stalled:"
+
+
+def port_in_use(port: int, address: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            return True
+    return False
+
+
+def load_failure(log_text: str) -> str | None:
+    """One line naming the model that failed to load and why, from a tritonserver log (None if none did)."""
+    for line in log_text.splitlines():
+        m = re.search(r"failed to load '([^']+)' version \d+: (.*)", line)
+        if m:
+            return f"model '{m.group(1)}' failed to load: {m.group(2).strip()}"
+    return None
+
+
+def process_children(pid: int) -> dict[int, str]:
+    """Direct child processes of `pid` (Linux /proc) and their command lines."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if ppid == pid:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def free_port() -> int:
@@ -166,6 +213,7 @@ class TritonServer:
         self.log_path = Path(log_file) if log_file else self.workdir / "tritonserver.log"
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
+        self.stub_pids: dict[int, str] = {}  # python backend stub processes (PID -> model) once ready
 
     @property
     def http_url(self) -> str:
@@ -183,6 +231,10 @@ class TritonServer:
         return tritonserver_command(self.repo_dir, self.backend_dir, self.ports, extra=self.extra_args)
 
     def start(self) -> "TritonServer":
+        for name, port in zip(("HTTP", "gRPC", "metrics"), self._requested_ports):
+            if port and port_in_use(port):
+                raise ServerError(f"{name} port {port} is already in use on 127.0.0.1; choose another "
+                                  f"(--{name.lower()}-port, or 0 for any free port)")
         # A port picked free can be taken by someone else before tritonserver binds it: pick again then.
         for attempt in range(3):
             try:
@@ -217,6 +269,9 @@ class TritonServer:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                cause = load_failure(self._log_text())
+                if cause:
+                    raise ServerError(f"{cause} (log: {self.log_path})")
                 raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
             # Only once our server says it listens: another server on the port would answer the probe too.
             if f"Started HTTPService at {self.http_url}" not in self._log_text():
@@ -225,11 +280,35 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
+                        self.stub_pids = self._stubs()
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
         raise ServerError(f"tritonserver not ready after {self.timeout:.0f} s:\n{self.log_tail()}")
+
+    def _stubs(self) -> dict[int, str]:
+        stubs = {}
+        for pid, cmd in process_children(self.process.pid).items():
+            m = re.search(r"triton_python_backend_stub \S*?/([^/ ]+)/\d+/model\.py", cmd)
+            if m:
+                stubs[pid] = m.group(1)
+        return stubs
+
+    def check_health(self) -> str | None:
+        """Why the server can no longer answer (tritonserver exited, or a model's process died), or None.
+
+        Triton keeps reporting ready after a python model's process dies (every request to it then fails), so
+        the stub processes are watched here."""
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            return f"tritonserver exited (code {code}); log: {self.log_path}"
+        for pid, model in self.stub_pids.items():
+            if not _alive(pid):
+                said = [line for line in self._log_text().splitlines() if STALL_MARK in line]
+                cause = f" ({said[-1].split(STALL_MARK, 1)[1].strip()})" if said else " (killed or crashed)"
+                return f"the process of model '{model}' (PID {pid}) died{cause}; log: {self.log_path}"
+        return None
 
     def _log_text(self) -> str:
         try:

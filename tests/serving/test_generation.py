@@ -83,3 +83,99 @@ def test_too_long_request_fails_alone(engine, prompts):
     with pytest.raises(RuntimeError, match="exceeds the model's 1024 positions"):
         engine.generate(ids[0], SamplingParams(max_tokens=2000, end_id=end_id))
     assert engine.generate(ids[1], SamplingParams(max_tokens=2, end_id=end_id))
+
+
+def _submit_all(engine, jobs):
+    """Submit (prompt, params) pairs at once; [(tokens, error)] per job."""
+    out = [None] * len(jobs)
+    done = [threading.Event() for _ in jobs]
+
+    def callbacks(i):
+        tokens = []
+
+        def emit(new, final):
+            tokens.extend(new)
+            if final:
+                out[i] = (tokens, None)
+                done[i].set()
+
+        def fail(msg):
+            out[i] = (tokens, msg)
+            done[i].set()
+        return emit, fail
+
+    for i, (prompt, params) in enumerate(jobs):
+        emit, fail = callbacks(i)
+        engine.submit(GenerationRequest(prompt, params, emit, fail=fail))
+    assert all(d.wait(60) for d in done)
+    return out
+
+
+@pytest.mark.parametrize("poison, field", [
+    # temperature 1e39 sent as FP32 arrives as +inf (issue: with a bad word it failed the whole batch)
+    (dict(temperature=float("inf"), top_k=50, bad_words=[[5, 6]]), "temperature"),
+    (dict(temperature=float("nan"), top_k=50), "temperature"),
+    (dict(top_p=float("nan"), temperature=1.0), "top_p"),
+    (dict(top_k=-5), "top_k"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(min_tokens=99), "min_tokens"),
+])
+def test_a_poisoned_request_fails_alone_next_to_healthy_ones(engine, prompts, poison, field):
+    ids, end_id = prompts
+    healthy = SamplingParams(max_tokens=10, end_id=end_id)
+    alone = engine.generate(ids[1], healthy)
+    jobs = [(ids[1], healthy), (ids[0], SamplingParams(max_tokens=10, end_id=end_id, **poison)), (ids[1], healthy)]
+    results = _submit_all(engine, jobs)
+    assert results[1][1] is not None and results[1][1].startswith(field)
+    assert results[0] == results[2] == (alone, None)
+
+
+def test_a_row_whose_sampling_fails_ends_alone(engine, prompts):
+    """Every token banned: nothing can be sampled for that row; the batch goes on."""
+    ids, end_id = prompts
+    vocab = engine.model.config.vocab_size
+    healthy = SamplingParams(max_tokens=10, end_id=end_id)
+    alone = engine.generate(ids[1], healthy)
+    everything = SamplingParams(max_tokens=10, end_id=end_id, bad_words=[[t] for t in range(vocab)])
+    results = _submit_all(engine, [(ids[1], healthy), (ids[0], everything), (ids[1], healthy)])
+    assert "sampling failed" in results[1][1]
+    assert results[0] == results[2] == (alone, None)
+
+
+def test_min_tokens_holds_back_the_end_id(engine, prompts):
+    ids, end_id = prompts
+    first = engine.generate(ids[0], SamplingParams(max_tokens=1, end_id=end_id))[0]
+    # With the greedy first token as end id the answer is empty, unless min_tokens holds it back.
+    assert engine.generate(ids[0], SamplingParams(max_tokens=6, end_id=first)) == []
+    held = engine.generate(ids[0], SamplingParams(max_tokens=6, end_id=first, min_tokens=3))
+    assert len(held) >= 3 and first not in held[:3]
+
+
+def test_penalties_change_a_greedy_answer_that_repeats(engine, prompts):
+    ids, end_id = prompts
+    plain = engine.generate(ids[0], SamplingParams(max_tokens=40, end_id=end_id))
+    assert len(set(plain)) < len(plain), "the tiny model's greedy answer repeats tokens"
+    for kwargs in (dict(repetition_penalty=5.0), dict(presence_penalty=50.0), dict(frequency_penalty=50.0)):
+        penalized = engine.generate(ids[0], SamplingParams(max_tokens=40, end_id=end_id, **kwargs))
+        assert penalized != plain, kwargs
+        if "repetition_penalty" not in kwargs:  # output-only penalties of 50 forbid any repeat in practice
+            assert len(set(penalized)) == len(penalized), kwargs
+
+
+def test_cancelled_rows_leave_the_batch_before_the_next_step(engine, prompts):
+    ids, end_id = prompts
+    cancel = threading.Event()
+    got, steps = [], []
+
+    def emit(new, final):
+        got.extend(new)
+        if len(got) == 3:
+            cancel.set()
+            steps.append(engine.steps)
+
+    engine.submit(GenerationRequest(ids[0], SamplingParams(max_tokens=500, end_id=end_id), emit, stream=True,
+                                    cancelled=cancel.is_set))
+    assert cancel.wait(60)
+    while engine.pending():
+        threading.Event().wait(0.01)
+    assert len(got) <= 4 and engine.steps - steps[0] <= 1

@@ -1,0 +1,104 @@
+"""Triton python model `generator` (decoupled): the engine and every request's text stream in one process.
+
+The logic is `steerlm.serve.generator` (tested without a server); this file maps Triton's response sender,
+metrics and configuration to it. The engine comes from `steerlm.serve.engines.create_engine`, chosen by the
+`generation_engine` parameter.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from steerlm.serve.engines import create_engine
+from steerlm.serve.generator import GeneratorCore, Watchdog
+from steerlm.serve.requests import load_key
+from steerlm.serve.triton import STALL_MARK
+from steerlm.spec import load_spec
+from steerlm.tokenize import load_tokenizer
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class Sink:
+    def __init__(self, sender):
+        self.sender = sender
+
+    def send(self, outputs, final, error=None):
+        flags = FINAL if final else 0
+        if error is not None:
+            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
+        elif outputs is None:
+            self.sender.send(flags=flags)
+            return
+        else:
+            response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
+        self.sender.send(response, flags=flags)
+
+    def is_cancelled(self):
+        return self.sender.is_cancelled()
+
+
+class Metrics:
+    """Engine counters on Triton's metrics endpoint (also how tests see the work done after a cancel)."""
+
+    def __init__(self):
+        self._families = []  # a Metric needs its MetricFamily alive
+
+        def family(name, kind, doc):
+            self._families.append(pb_utils.MetricFamily(name=name, description=doc, kind=kind))
+            return self._families[-1].Metric(labels={"model": "generator"})
+
+        self.steps = family("steerlm_engine_steps_total", pb_utils.MetricFamily.COUNTER,
+                            "Prefills and decode steps the generation engine ran")
+        self.tokens = family("steerlm_engine_tokens_total", pb_utils.MetricFamily.COUNTER, "Tokens sampled")
+        self.running = family("steerlm_engine_running", pb_utils.MetricFamily.GAUGE,
+                              "Requests in the running batch")
+        self.pending = family("steerlm_engine_pending", pb_utils.MetricFamily.GAUGE,
+                              "Requests running or waiting to join")
+        self._seen = (0, 0)
+
+    def update(self, engine):
+        steps, tokens = getattr(engine, "steps", 0), getattr(engine, "tokens", 0)
+        self.steps.increment(steps - self._seen[0])
+        self.tokens.increment(tokens - self._seen[1])
+        self._seen = (steps, tokens)
+        self.running.set(getattr(engine, "running", 0))
+        self.pending.set(engine.pending())
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        model_dir = params["model_dir"]
+        options = json.loads(params.get("engine_options") or "{}")
+        self.engine = create_engine(params.get("generation_engine", "torch"), params.get("engine_dir") or model_dir,
+                                    max_batch_size=int(params["max_batch_size"]), **options)
+        self.core = GeneratorCore(self.engine, load_tokenizer(model_dir), load_spec(model_dir).template.answer_end,
+                                  load_key(Path(args["model_repository"]).parent))
+        metrics = Metrics()
+        self.watchdog = Watchdog(self.engine, float(params.get("stall_timeout", 120)), self._stalled,
+                                 on_tick=metrics.update)
+
+    @staticmethod
+    def _stalled(message):
+        # A generator that cannot make progress must not look healthy: end this stub process, which the
+        # launcher (`make serve`) notices and reports (see steerlm.serve.triton.TritonServer.check_health).
+        pb_utils.Logger.log_error(f"{STALL_MARK} {message}; ending the generator process")
+        os._exit(70)
+
+    def execute(self, requests):
+        for request in requests:
+            sink = Sink(request.get_response_sender())
+            document = pb_utils.get_input_tensor_by_name(request, "REQUEST")
+            signature = pb_utils.get_input_tensor_by_name(request, "SIGNATURE")
+            if document is None or signature is None:
+                sink.send(None, final=True, error="this model takes requests from the steerlm ensemble only")
+                continue
+            self.core.submit(document.as_numpy().reshape(-1)[0], signature.as_numpy().reshape(-1)[0], sink)
+        return None
+
+    def finalize(self):
+        self.watchdog.stop()
+        self.engine.close()

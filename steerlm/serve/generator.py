@@ -1,0 +1,188 @@
+"""The logic of the `generator` Triton model: one process holds the engine and every request's text stream.
+
+A request arrives as the signed document preprocessing built (`PreparedRequest`); its tokens become text in
+the engine's own callbacks (`TextStream`: incremental detokenization, stop strings never shown), and the
+responses go straight to the client's response sender. Nothing waits on another model, so no thread pool
+can fill up with waiters (the hang of the earlier postprocessing -> BLS -> decoupled model design).
+
+The request leaves the engine's batch as soon as its answer is complete in text (a stop string seen in
+text) or its client has gone (`is_cancelled`: a cancelled gRPC stream, a closed HTTP connection), because
+the engine polls `cancelled()` before every decode step.
+
+Tested without a server through `ResponseSink` fakes (tests/serving/test_generator.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+
+from steerlm.sampling import GenerationRequest
+from steerlm.serve.requests import PreparedRequest, RequestError
+from steerlm.serve.textstream import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class ResponseSink(Protocol):
+    """Where one request's responses go (the Triton response sender in the model)."""
+
+    def send(self, outputs: dict[str, np.ndarray] | None, final: bool, error: str | None = None) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+def _text(value: str) -> np.ndarray:
+    return np.array([[value.encode("utf-8")]], dtype=np.object_)
+
+
+def _count(value: int) -> np.ndarray:
+    return np.array([[value]], dtype=np.int32)
+
+
+class _Job:
+    """One request between the engine's callbacks and its sink; every method may run on any thread."""
+
+    def __init__(self, prepared: PreparedRequest, sink: ResponseSink, text: TextStream) -> None:
+        self.req = prepared
+        self.sink = sink
+        self.text = text
+        self.lock = threading.Lock()
+        self.done = False
+        self.first = True
+        self.generated = 0
+        self.pieces: list[str] = []
+        self.finish_reason: str | None = None
+
+    # -- engine callbacks ---------------------------------------------------------------------------------
+    def emit(self, tokens: list[int], final: bool) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.generated += len(tokens)
+            piece = self.text.feed(tokens)
+            complete = final or self.text.done
+            if complete:
+                piece += self.text.finish()
+                self.finish_reason = ("length" if not self.text.filter.stopped and self.generated >= self.req.max_tokens
+                                      else "stop")
+            if self.req.stream:
+                if piece or self.first or complete:
+                    self._send(piece, final=complete)
+            else:
+                self.pieces.append(piece)
+                if complete:
+                    self._send("".join(self.pieces), final=True)
+
+    def fail(self, message: str) -> None:
+        with self.lock:
+            if not self.done:
+                self.done = True
+                self.sink.send(None, final=True, error=message)
+
+    def cancelled(self) -> bool:
+        """True once the answer is complete (the engine may drop the row) or the client has gone."""
+        if self.done:
+            return True
+        if not self.sink.is_cancelled():
+            return False
+        with self.lock:
+            if not self.done:
+                self.done = True
+                self.finish_reason = "cancelled"
+                self.sink.send(None, final=True)
+        return True
+
+    # -- responses ----------------------------------------------------------------------------------------
+    def _send(self, text: str, final: bool) -> None:
+        outputs = {"text_output": _text(text)}
+        if self.first:
+            outputs["prompt"] = _text(self.req.prompt)
+            # Like the C++ backend: only a whole answer repeats the prompt, a stream never does.
+            if not self.req.exclude_input_in_output and not self.req.stream:
+                outputs["text_output"] = _text(self.req.prompt + text)
+            if self.req.return_num_input_tokens:
+                outputs["num_input_tokens"] = _count(len(self.req.input_ids))
+        if final:
+            outputs["finish_reason"] = _text(self.finish_reason or "stop")
+            if self.req.return_num_output_tokens:
+                outputs["num_output_tokens"] = _count(self.generated)
+            self.done = True
+        self.first = False
+        self.sink.send(outputs, final=final)
+
+
+class GeneratorCore:
+    """Runs prepared requests on an engine and answers each through its own sink."""
+
+    def __init__(self, engine, tokenizer, trailer: str, key: bytes) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.trailer = trailer
+        self.key = key
+
+    def submit(self, document: bytes, signature: bytes, sink: ResponseSink) -> None:
+        """Start one request; a request that cannot start is answered with its error at once."""
+        try:
+            prepared = PreparedRequest.from_wire(document, signature, self.key)
+        except (RequestError, ValueError, TypeError) as exc:
+            message = str(exc) if isinstance(exc, RequestError) else "malformed request document"
+            sink.send(None, final=True, error=message)
+            return
+        text = TextStream(self.tokenizer, prepared.stop_strings, end_id=prepared.end_id,
+                          max_tokens=prepared.max_tokens, trailer=self.trailer)
+        job = _Job(prepared, sink, text)
+        try:
+            # Tokens come one by one even for a whole answer: its stop strings are found in text as they appear.
+            self.engine.submit(GenerationRequest(prepared.input_ids, prepared.params(), job.emit,
+                                                 stream=True, fail=job.fail, cancelled=job.cancelled))
+        except Exception as exc:  # e.g. the engine is shutting down
+            job.fail(f"generation could not start: {exc}")
+
+
+class Watchdog:
+    """Calls `on_stall(message)` when the engine has work but has made no progress for `timeout` seconds,
+    and `on_tick(engine)` every `interval` seconds (metrics). Runs on its own daemon thread."""
+
+    def __init__(self, engine, timeout: float, on_stall: Callable[[str], None],
+                 on_tick: Callable[[object], None] | None = None, interval: float = 0.25) -> None:
+        self.engine, self.timeout, self.on_stall, self.on_tick = engine, timeout, on_stall, on_tick
+        self.interval = interval
+        self._stop = threading.Event()
+        self._busy_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="steerlm-watchdog", daemon=True)
+        self._thread.start()
+
+    def check(self, now: float) -> str | None:
+        """The stall message if the engine is stalled at `now`, else None."""
+        if self.engine.pending() == 0:
+            self._busy_since = None
+            return None
+        if self._busy_since is None:
+            self._busy_since = now
+        idle = now - max(self._busy_since, self.engine.last_progress)
+        if idle > self.timeout:
+            return (f"generation engine made no progress for {idle:.0f} s with {self.engine.pending()} "
+                    f"request(s) pending (stall timeout {self.timeout:g} s)")
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if self.on_tick is not None:
+                    self.on_tick(self.engine)
+                message = self.check(time.monotonic())
+            except Exception:
+                log.exception("watchdog check failed")
+                continue
+            if message:
+                self.on_stall(message)
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

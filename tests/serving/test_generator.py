@@ -1,0 +1,158 @@
+"""The `generator` model's logic without a server: the real engine, a fake response sender.
+
+Upstream tests its Triton model code the same way (tensorrtllm_backend all_models/tests/test_decode.py, with
+mocks in place of pb_utils)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from steerlm.generation import Engine
+from steerlm.serve.generator import GeneratorCore, Watchdog
+from steerlm.serve.requests import PreparedRequest, RequestBuilder
+from steerlm.spec import load_spec
+from steerlm.tokenize import load_tokenizer
+
+KEY = b"k" * 32
+QUESTION = "Where and when did techno music originate?"
+
+
+class FakeSink:
+    """Records what the model would send through Triton's response sender."""
+
+    def __init__(self) -> None:
+        self.responses: list[tuple[dict | None, bool, str | None]] = []
+        self.cancel = False
+        self.finished = threading.Event()
+
+    def send(self, outputs, final, error=None):
+        self.responses.append((outputs, final, error))
+        if final:
+            self.finished.set()
+
+    def is_cancelled(self):
+        return self.cancel
+
+    def wait(self) -> "FakeSink":
+        assert self.finished.wait(60), "no final response"
+        return self
+
+    def text(self) -> str:
+        return "".join(o["text_output"][0, 0].decode() for o, _, _ in self.responses if o)
+
+    def last(self) -> dict:
+        return self.responses[-1][0]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    eng = Engine(tiny_model, max_batch_size=4)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def core(engine, tiny_model):
+    return GeneratorCore(engine, load_tokenizer(tiny_model), load_spec(tiny_model).template.answer_end, KEY)
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_model):
+    return RequestBuilder(tiny_model)
+
+
+def run(core, prepared: PreparedRequest, sink: FakeSink | None = None) -> FakeSink:
+    sink = sink or FakeSink()
+    core.submit(*prepared.to_wire(KEY), sink)
+    return sink
+
+
+def test_streamed_pieces_concatenate_to_the_whole_answer_and_the_last_says_why(core, builder):
+    whole = run(core, builder.build(QUESTION, 24)).wait()
+    stream = run(core, builder.build(QUESTION, 24, stream=True)).wait()
+    assert len(whole.responses) == 1 and len(stream.responses) > 2
+    assert stream.text() == whole.text() and whole.text()
+    assert stream.responses[0][0]["prompt"][0, 0].decode() == builder.build(QUESTION, 24).prompt
+    assert whole.last()["finish_reason"][0, 0] == stream.last()["finish_reason"][0, 0] == b"length"
+
+
+def test_token_counts_are_returned_when_asked(core, builder):
+    prepared = builder.build(QUESTION, 9, return_num_input_tokens=True, return_num_output_tokens=True)
+    out = run(core, prepared).wait().last()
+    assert int(out["num_input_tokens"][0, 0]) == len(prepared.input_ids)
+    assert int(out["num_output_tokens"][0, 0]) == 9
+
+
+def test_a_stop_string_seen_in_text_ends_the_answer_and_frees_the_row(core, builder, engine):
+    answer = run(core, builder.build(QUESTION, 60)).wait().text()
+    stop = answer[len(answer) // 3 : len(answer) // 3 + 3]
+    sink = run(core, builder.build(QUESTION, 800, stop_words=[stop])).wait()
+    steps_at_stop = engine.steps
+    assert sink.text() == answer[: answer.index(stop)]
+    assert sink.last()["finish_reason"][0, 0] == b"stop"
+    deadline = time.monotonic() + 30
+    while engine.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.pending() == 0
+    assert engine.steps - steps_at_stop <= 3  # without the drop: ~800 more steps
+
+
+def test_a_cancelled_client_leaves_the_batch_within_a_few_steps(core, builder, engine):
+    sink = run(core, builder.build(QUESTION, 800, stream=True))
+    while len(sink.responses) < 3:
+        time.sleep(0.005)
+    sink.cancel = True
+    steps_at_cancel = engine.steps
+    sink.wait()
+    deadline = time.monotonic() + 30
+    while engine.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.pending() == 0
+    assert engine.steps - steps_at_cancel <= 3
+    assert sink.responses[-1] == (None, True, None)  # the final flag alone
+
+
+def test_requests_not_built_by_preprocessing_are_refused(core, builder):
+    document, signature = builder.build(QUESTION, 4).to_wire(KEY)
+    forged = json.loads(document)
+    forged["input_ids"] = [2, 3, 4]  # e.g. control tokens the template would never emit for user text
+    sink = run(core, PreparedRequest(**forged), FakeSink())  # signed with the right key: accepted
+    assert sink.wait().responses[-1][2] is None
+    refused = FakeSink()
+    core.submit(json.dumps(forged).encode(), signature, refused)
+    assert refused.responses == [(None, True, "this model takes requests from the steerlm ensemble only; send "
+                                              "yours to `steerlm`")]
+
+
+class StuckEngine:
+    def __init__(self, pending: int, last_progress: float) -> None:
+        self._pending, self.last_progress = pending, last_progress
+
+    def pending(self) -> int:
+        return self._pending
+
+
+def test_watchdog_reports_an_engine_with_work_and_no_progress():
+    stalls: list[str] = []
+    engine = StuckEngine(pending=2, last_progress=0.0)
+    dog = Watchdog(engine, timeout=5, on_stall=stalls.append, interval=3600)
+    try:
+        assert dog.check(now=100.0) is None  # busy only from now on
+        assert dog.check(now=104.0) is None
+        assert "no progress for 6 s with 2 request(s) pending" in dog.check(now=106.0)
+        engine.last_progress = 106.0
+        assert dog.check(now=107.0) is None
+    finally:
+        dog.stop()
+
+
+def test_watchdog_ignores_an_idle_engine():
+    dog = Watchdog(StuckEngine(pending=0, last_progress=0.0), timeout=1, on_stall=lambda m: None, interval=3600)
+    try:
+        assert dog.check(now=1e6) is None
+    finally:
+        dog.stop()
