@@ -189,12 +189,42 @@ def test_a_hostile_raw_prompt_is_refused_with_the_reason(openai_client, ensemble
     assert err.value.param == "prompt" and "text after the label line of turn 1" in err.value.message
 
 
-def test_penalties_the_ensemble_cannot_honour_are_refused(openai_client, api):
-    if api.app.state.service.ensemble.supports("presence_penalty"):
-        pytest.fail("this ensemble has presence_penalty: test it is honoured instead")
-    with pytest.raises(openai.BadRequestError) as err:
-        chat(openai_client, presence_penalty=0.5)
-    assert err.value.param == "presence_penalty" and err.value.code == "unsupported_parameter"
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    """The generation engine itself, outside Triton: what the ensemble runs for a request."""
+    from steerlm.generation import Engine
+
+    eng = Engine(tiny_model, max_batch_size=1)
+    yield eng
+    eng.close()
+
+
+def test_usage_counts_exactly_the_tokens_the_engine_generated(openai_client, tiny_model, engine):
+    built = RequestBuilder(tiny_model).build(QUESTION, 24, sampling={"top_k": 1})
+    ids = engine.generate(built.input_ids, built.params())
+    assert chat(openai_client, max_tokens=24).usage.completion_tokens == len(ids)
+    # A stop string ends generation with the token that completes it.
+    text = built_text(tiny_model, ids)
+    stop = text[6:9]
+    needed = next(k for k in range(1, len(ids) + 1) if stop in built_text(tiny_model, ids[:k]))
+    assert chat(openai_client, max_tokens=24, stop=[stop]).usage.completion_tokens == needed
+
+
+def test_presence_and_frequency_penalties_reach_the_engine(openai_client, tiny_model, engine):
+    penalties = {"presence_penalty": 2.0, "frequency_penalty": 2.0}
+    plain = RequestBuilder(tiny_model).build(QUESTION, 96, sampling={"top_k": 1})
+    built = RequestBuilder(tiny_model).build(QUESTION, 96, sampling={"top_k": 1, **penalties})
+    ids = engine.generate(built.input_ids, built.params())
+    assert ids != engine.generate(plain.input_ids, plain.params())  # the penalties matter for this question
+    reply = chat(openai_client, max_tokens=96, **penalties).choices[0]
+    assert reply.finish_reason == "length"
+    assert reply.message.content == built_text(tiny_model, ids)
+
+
+def built_text(model_dir, ids: list[int]) -> str:
+    from steerlm.tokenize import load_tokenizer
+
+    return load_tokenizer(model_dir).decode(ids, skip_special_tokens=False)
 
 
 # -- models, health, lifecycle -------------------------------------------------------------------------------
