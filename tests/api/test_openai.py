@@ -234,22 +234,22 @@ def test_models_lists_the_served_model_and_health_is_ok(openai_client, api):
     assert httpx2.get(f"{api.url}/health").json()["status"] == "ok"
 
 
-def test_a_client_disconnect_cancels_the_triton_request(tiny_model):
+def test_a_client_disconnect_cancels_the_grpc_stream(tiny_model):
     from steerlm.api import ApiServer
 
-    # Verbose logging is where tritonserver says that a gRPC stream was cancelled.
+    # tritonserver's verbose log says when a client cancelled its gRPC stream.
     with TritonServer(tiny_model, extra_args=["--log-verbose=1"]) as triton, \
             ApiServer(tiny_model, triton.grpc_url) as api:
-        body = {"model": "steerlm", "stream": True, "max_tokens": 800, "temperature": 0,
+        body = {"model": "steerlm", "stream": True, "max_tokens": 400, "temperature": 0,
                 "messages": [{"role": "user", "content": QUESTION}]}
         with httpx2.Client(timeout=120) as http:
             with http.stream("POST", f"{api.base_url}/chat/completions", json=body) as response:
                 for line in response.iter_lines():
                     if '"content": "' in line and '"content": ""' not in line:
                         break  # one piece of the answer arrived; hang up
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while "Issuing cancellation" not in triton.log_path.read_text(errors="replace"):
             assert time.monotonic() < deadline, "tritonserver never saw the stream cancelled"
             time.sleep(0.2)
-        # The API keeps serving.
-        assert chat(openai.OpenAI(base_url=api.base_url, api_key="-"), max_tokens=2).choices
+        client = openai.OpenAI(base_url=api.base_url, api_key="-", max_retries=0, timeout=300)
+        assert chat(client, max_tokens=2).choices  # and the API keeps serving
