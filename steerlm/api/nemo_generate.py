@@ -65,6 +65,16 @@ class NemoGenerateRequest(BaseModel):
         )
 
 
+async def _all(service: Service, prepared: list) -> list:
+    """Every sentence's result; one failing cancels the others (a TaskGroup does, gather would not)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(service.complete(p)) for p in prepared]
+    except ExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
 async def _generate(request: Request, req: NemoGenerateRequest) -> dict:
     service: Service = request.app.state.service
     req.refuse_unsupported()
@@ -74,7 +84,7 @@ async def _generate(request: Request, req: NemoGenerateRequest) -> dict:
         params = {**PARAMS, "text_input": f"sentences[{i}]", "history": f"sentences[{i}]",
                   "attributes": f"sentences[{i}]"}
         prepared.append(await service.prepare(conv, req.sampling(), params, stream=False))
-    results = await until_disconnected(request, asyncio.gather(*(service.complete(p) for p in prepared)))
+    results = await until_disconnected(request, _all(service, prepared))
     for sentence, result in zip(req.sentences, results):
         if result.prompt != sentence:  # the parser's byte-identity promise, checked against the ensemble's render
             raise ApiError("the ensemble rendered a different prompt than the one sent", None, status=500,
