@@ -81,12 +81,14 @@ def beside(model_dir: str | os.PathLike | None, grpc_url: str, port: int,
         api = ApiServer(model_dir, grpc_url, port=port).start()
     except OSError as exc:
         raise SystemExit(f"Error: {exc} (choose another with --api-port, 0 for any free port)") from None
+    attributes = api.app.state.service.spec.schema.attributes
+    knob = next((a for a in attributes if a.name == "verbosity"), attributes[0])
     try:
         echo(f"  OpenAI   {api.base_url}   (POST /chat/completions, /completions; GET /models)\n"
              f"  NeMo     {api.url}/generate   (PUT, as megatron_gpt_eval's server; GET {api.url}/health)\n"
              f"  Try:  python -c \"from openai import OpenAI; print(OpenAI(base_url='{api.base_url}', api_key='-')"
              f".chat.completions.create(model='steerlm', messages=[{{'role': 'user', 'content': 'Hi!'}}], "
-             f"extra_body={{'attributes': {{'verbosity': 4}}}}).choices[0].message.content)\"")
+             f"extra_body={{'attributes': {{'{knob.name}': {knob.max}}}}}).choices[0].message.content)\"")
         yield api
     finally:
         api.stop()
