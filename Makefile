@@ -14,26 +14,33 @@ ifeq ($(origin RM),default)
 RM :=
 endif
 BACKEND ?= cpu
+DEVICE ?=
 ENGINE_DIR ?=
 TP ?= 1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 API_PORT ?= 8080
-# engine
-DTYPE ?= float16
+# engine (docs/build.md)
+DTYPE ?= bfloat16
 GPU ?= h100
 OUT ?=
+PLAN ?=
+ENGINE ?= llmapi
+MAX_BATCH ?=
 
-.PHONY: setup test serve demo eval engine tiny lock clean help
+SOAK_REQUESTS ?= 5000
+
+.PHONY: setup test soak serve demo eval engine tiny lock clean help
 
 help:
 	@echo "make setup                 create .venv with everything a CPU machine needs (pinned)"
 	@echo "make demo                  the whole SteerLM method on CPU in ~10 minutes"
 	@echo "make test                  run the test suite"
 	@echo "make tiny                  write a tiny random SteerLM checkpoint to runs/tiny"
-	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|trtllm ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT= API_PORT=]"
-	@echo "make engine MODEL=DIR TP=N DTYPE=float16|bfloat16|fp8 GPU=a100|h100 [OUT=DIR]"
+	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|torch|trtllm DEVICE=cuda ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT= API_PORT=]"
+	@echo "make soak [SOAK_REQUESTS=5000]   the serving load test, longer (32 mixed clients, 0 lost)"
+	@echo "make engine MODEL=DIR TP=N DTYPE=bfloat16|float16|fp8 GPU=a100-40|a100-80|h100|h200 [OUT=DIR] [PLAN=1] [ENGINE=legacy] [MAX_BATCH=N]"
 	@echo "make eval MODEL=DIR RM=DIR"
 	@echo "make prepare DATA_IN='a.csv b.jsonl' [DATA_DIR=runs/data]   public data -> conversation JSONL + split"
 	@echo "make train-rm | annotate | train-sft | bootstrap [BASE= RM_DIR= SFT_DIR= NPROC=N TRAIN_ARGS=...]"
@@ -56,17 +63,21 @@ lock:
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+soak: $(STAMP)
+	SOAK_REQUESTS=$(SOAK_REQUESTS) $(PY) -m pytest -q -s tests/serving/soak_load.py
+
 tiny: $(STAMP)
 	$(PY) -m steer_train init-tiny --out runs/tiny
 
 serve: $(STAMP)
 	$(PY) -m steerlm.serve --model $(MODEL) $(if $(RM),--reward-model $(RM)) --backend $(BACKEND) \
-		$(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) --tp $(TP) \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) --tp $(TP) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --api-port $(API_PORT)
 
 engine: $(STAMP)
 	$(PY) build/build_engine.py --model_dir $(MODEL) --tp_size $(TP) --dtype $(DTYPE) --gpu $(GPU) \
-		$(if $(OUT),--output_dir $(OUT))
+		--engine $(ENGINE) $(if $(OUT),--output_dir $(OUT)) $(if $(PLAN),--plan_only) \
+		$(if $(MAX_BATCH),--max_batch_size $(MAX_BATCH))
 
 eval: $(STAMP)
 	$(PY) -m steer_train eval --model $(MODEL) --reward-model $(RM)

@@ -1,7 +1,7 @@
 """Peak memory of the streaming TensorRT-LLM converter vs a load-the-whole-model baseline.
 
 Generates a random Llama of a few hundred MB, then converts it in separate child processes:
-- "stream":   build/convert_checkpoint.convert (one tensor group in memory at a time);
+- "stream":   steerlm.convert.legacy.convert (one tensor group in memory at a time);
 - "baseline": what the upstream converter does, load every tensor, build every rank's dict, save_file;
 - "imports":  only the imports, so the figures can be read net of the interpreter and torch.
 Peak RSS is each child's own high-water mark (VmHWM in /proc/self/status, which starts afresh at exec;
@@ -22,14 +22,13 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "build"))
 BEGIN, END = "<!-- convert_memory:begin -->", "<!-- convert_memory:end -->"
 
 
 def make_model(out: Path, hidden: int, layers: int, vocab: int) -> int:
     import torch
 
-    from st_stream import StreamingWriter
+    from steerlm.convert.stream import StreamingWriter
 
     heads, kv, inter = hidden // 64, max(hidden // 256, 1), hidden * 4
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
@@ -56,8 +55,8 @@ def child(mode: str, model: str, out: str, tp: int) -> None:
     import torch  # noqa: F401  (every mode pays for the same imports)
     from safetensors.torch import load_file, save_file
 
-    from convert_checkpoint import convert
-    from trtllm_ckpt import LlamaDims, rank_units
+    from steerlm.convert.legacy import convert
+    from steerlm.convert.trtllm_ckpt import LlamaDims, rank_units
 
     if mode == "stream":
         convert(model, out, tp, "float16", progress=False)

@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 
 
 class _Seq:
-    def __init__(self, req: GenerationRequest) -> None:
+    def __init__(self, req: GenerationRequest, device: str = "cpu") -> None:
         self.req = req
         self.tokens: list[int] = []
         self.gen: torch.Generator | None = None
         if not req.params.greedy:
             seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
-            self.gen = torch.Generator().manual_seed(seed % 2**63)
+            # On the device of the logits: multinomial takes a generator of its own device only.
+            self.gen = torch.Generator(device=device).manual_seed(seed % 2**63)
 
     @property
     def length(self) -> int:
@@ -211,7 +212,7 @@ class Engine:
             if self.max_positions and len(req.prompt_ids) + req.params.max_tokens > self.max_positions:
                 raise ValueError(f"input length {len(req.prompt_ids)} + request_output_len "
                                  f"{req.params.max_tokens} exceeds the model's {self.max_positions} positions")
-            seq = _Seq(req)
+            seq = _Seq(req, self.device)
             ids = torch.tensor([req.prompt_ids], device=self.device)
             out = self.model(input_ids=ids, use_cache=True)
             self._progress()

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-# build/ holds runnable scripts (python build/x.py); tests import their modules the same way.
-sys.path.insert(0, str(ROOT / "build"))
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,10 @@ def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port
         raise click.UsageError("--engine-dir and --tp belong to --backend trtllm")
     if backend != "torch" and device is not None:
         raise click.UsageError("--device belongs to --backend torch")
+    if backend == "trtllm" and engine_dir:
+        size = engine_world_size(engine_dir) if Path(engine_dir).is_dir() else None
+        if size is not None and size != tp:
+            raise click.UsageError(f"the engine in {engine_dir} was built for {size} ranks but --tp is {tp}")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_stop)
     repo, workdir = _run_paths(repo_dir)

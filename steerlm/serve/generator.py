@@ -158,7 +158,10 @@ class Watchdog:
         self._thread.start()
 
     def check(self, now: float) -> str | None:
-        """The stall message if the engine is stalled at `now`, else None."""
+        """The stall message if the engine is stalled at `now`, else None (always None for an engine without
+        the optional `pending()` and `last_progress` of `steerlm.generation.Engine`)."""
+        if not hasattr(self.engine, "pending") or not hasattr(self.engine, "last_progress"):
+            return None
         if self.engine.pending() == 0:
             self._busy_since = None
             return None

@@ -42,6 +42,9 @@ ENSEMBLE_INPUTS: list[tuple[str, str, str, bool]] = [
     ("end_id", "TYPE_INT32", "1", False),
     ("pad_id", "TYPE_INT32", "1", False),
     ("min_tokens", "TYPE_INT32", "1", False),
+    # min_tokens under the name genai-perf's tensorrtllm converter sends with --output-tokens-mean-deterministic
+    # (perf_analyzer genai-perf/genai_perf/inputs/converters/tensorrtllm_converter.py, commit ceccbfa04026).
+    ("min_length", "TYPE_INT32", "1", False),
     ("repetition_penalty", "TYPE_FP32", "1", False),
     ("presence_penalty", "TYPE_FP32", "1", False),
     ("frequency_penalty", "TYPE_FP32", "1", False),

@@ -1,4 +1,4 @@
-"""Token ids -> text pieces for streaming, as the postprocessing model does it.
+"""Token ids -> text pieces for streaming, as the generator model does it (in the engine's callbacks).
 
 Two upstream complaints shape this: decoding each streamed token alone loses spaces and breaks multi-byte
 characters, and stop strings leak into the output when they span tokens or responses. So text is decoded

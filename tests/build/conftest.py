@@ -40,6 +40,6 @@ def gqa_model(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fp8_stats(gqa_model):
-    from fp8_calib import calibrate
+    from steerlm.convert.calibrate import calibrate
 
     return calibrate(gqa_model)

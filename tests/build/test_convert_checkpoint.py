@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import convert_checkpoint
-from convert_checkpoint import convert
-from trtllm_ckpt import FormatError
-from verify_checkpoint import TOLERANCES, verify
+from steerlm.convert import legacy
+from steerlm.convert.legacy import convert
+from steerlm.convert.trtllm_ckpt import FormatError
+from steerlm.convert.verify import TOLERANCES, verify
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -138,7 +138,7 @@ def test_sharded_hf_checkpoint_converts_like_a_single_file(gqa_model, tmp_path):
 
 def test_interrupted_conversion_leaves_nothing_that_looks_like_a_checkpoint(gqa_model, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_write = convert_checkpoint.StreamingWriter.write
+    real_write = legacy.StreamingWriter.write
 
     def write_then_die(self, name, tensor):
         calls["n"] += 1
@@ -146,7 +146,7 @@ def test_interrupted_conversion_leaves_nothing_that_looks_like_a_checkpoint(gqa_
             raise KeyboardInterrupt
         real_write(self, name, tensor)
 
-    monkeypatch.setattr(convert_checkpoint.StreamingWriter, "write", write_then_die)
+    monkeypatch.setattr(legacy.StreamingWriter, "write", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         convert(gqa_model, tmp_path / "ckpt", 2, "float16", progress=False)
     assert list(tmp_path.iterdir()) == []

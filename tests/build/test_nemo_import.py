@@ -1,4 +1,4 @@
-"""build/nemo_to_hf.py: NeMo Megatron .nemo checkpoints import as the Hugging Face Llama they encode."""
+"""build/nemo_to_hf.py (steerlm.convert.nemo): NeMo Megatron .nemo checkpoints import as the Hugging Face Llama they encode."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from .nemo_files import VOCAB_DIVISOR, write_nemo
-from nemo_to_hf import NemoError, nemo_to_hf
+from steerlm.convert.nemo import NemoError, nemo_to_hf
 
 
 def assert_same_weights(original, imported):
@@ -69,3 +69,19 @@ def test_not_a_nemo_file_is_a_clear_error(tmp_path):
     with pytest.raises(NemoError, match="not a .nemo"):
         nemo_to_hf(bogus, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("engine_kind, exit_code", [("llmapi", 0), ("legacy", 3)])
+def test_imported_nemo_feeds_both_make_engine_paths(gqa_model, tmp_path, monkeypatch, engine_kind, exit_code):
+    from click.testing import CliRunner
+
+    from steerlm.convert import engine
+
+    monkeypatch.setattr(engine, "tensorrt_llm_available", lambda: False)
+    hf = nemo_to_hf(write_nemo(gqa_model, tmp_path / "m.nemo", tp=2), tmp_path / "hf", dtype="32")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(engine.main, ["--model_dir", str(hf), "--tp_size", "2", "--dtype", "fp8",
+                                              "--gpu", "h100", "--engine", engine_kind, "--output_dir", str(out)])
+    assert result.exit_code == exit_code, result.output
+    assert "PASS [fp8]" in result.output
+    assert (out / ("steerlm_engine.json" if engine_kind == "llmapi" else "checkpoint/config.json")).is_file()

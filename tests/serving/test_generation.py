@@ -1,4 +1,4 @@
-"""The CPU generation engine behind `tensorrt_llm`: greedy = Hugging Face greedy, batching changes nothing."""
+"""The torch generation engine behind `generator`: greedy = Hugging Face greedy, batching changes nothing."""
 
 from __future__ import annotations
 
@@ -179,3 +179,24 @@ def test_cancelled_rows_leave_the_batch_before_the_next_step(engine, prompts):
     while engine.pending():
         threading.Event().wait(0.01)
     assert len(got) <= 4 and engine.steps - steps[0] <= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_without_a_gpu_is_refused_with_the_reason(tiny_model):
+    with pytest.raises(RuntimeError, match="device 'cuda': this PyTorch build sees no CUDA device"):
+        Engine(tiny_model, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU engine is tested above)")
+def test_the_engine_runs_on_cuda_in_bf16_batched_and_sampled(tiny_model, prompts):
+    ids, end_id = prompts
+    eng = Engine(tiny_model, device="cuda", max_batch_size=4)
+    try:
+        assert next(eng.model.parameters()).dtype == torch.bfloat16
+        greedy = eng.generate(ids[0], SamplingParams(max_tokens=12, end_id=end_id))
+        sampled = SamplingParams(max_tokens=12, end_id=end_id, temperature=0.8, top_k=40, seed=3)
+        assert greedy and eng.generate(ids[0], sampled) == eng.generate(ids[0], sampled)
+        results = _submit_all(eng, [(p, SamplingParams(max_tokens=8, end_id=end_id)) for p in ids])
+        assert all(err is None and tokens for tokens, err in results)
+    finally:
+        eng.close()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -90,3 +92,73 @@ def test_rendered_repository_serves_from_a_hand_typed_tritonserver_command(tiny_
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def _serve(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "steerlm.serve", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _children(pid: int) -> dict[int, str]:
+    from steerlm.serve.triton import process_children
+
+    return process_children(pid)
+
+
+def test_a_killed_generator_process_stops_the_server_with_the_cause(tiny_model):
+    """Triton keeps reporting ready when a python model's process dies; `make serve` must not."""
+    proc = _serve("--model", tiny_model, "--http-port", 0, "--grpc-port", 0, "--metrics-port", 0)
+    try:
+        banner = "".join(wait_for_line(proc, "Ctrl-C stops the server"))
+        log = re.search(r"log (\S+)", banner).group(1)
+        (server_pid,) = [p for p, cmd in _children(proc.pid).items() if "tritonserver" in cmd]
+        (stub,) = [p for p, cmd in _children(server_pid).items() if "/generator/1/model.py" in cmd]
+        os.kill(stub, signal.SIGKILL)
+        code = proc.wait(60)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 1
+    assert f"the process of model 'generator' (PID {stub}) died (killed or crashed); log: {log}" in err
+    assert not Path(re.search(r"repository (\S+)", banner).group(1)).exists()  # the temporary repository
+    assert Path(log).is_file()  # kept, for the cause
+    Path(log).unlink()
+
+
+def test_a_busy_port_is_named_before_anything_starts(tiny_model):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "steerlm.serve", "--model", str(tiny_model), "--http-port", "0",
+                              "--grpc-port", "0", "--metrics-port", str(port)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert out.returncode == 1
+    assert f"metrics port {port} is already in use on 127.0.0.1" in out.stderr
+
+
+def test_ctrl_c_during_start_up_stops_at_once_and_leaves_nothing(tiny_model):
+    proc = _serve("--model", tiny_model, "--http-port", 0, "--grpc-port", 0, "--metrics-port", 0)
+    line = proc.stdout.readline()  # "rendered the cpu model repository into DIR": start-up has begun
+    repo = Path(line.rsplit(" ", 1)[1].strip())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    assert not repo.parent.exists()
+
+
+def test_a_model_that_cannot_load_is_summarized_in_one_line(tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by an interrupted copy
+    out = subprocess.run([sys.executable, "-m", "steerlm.serve", "--model", str(broken), "--http-port", "0",
+                          "--grpc-port", "0", "--metrics-port", "0"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1
+    error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "model 'generator' failed to load:" in error[0], out.stderr
+    log = re.search(r"\(log: (\S+)\)$", error[0]).group(1)
+    assert Path(log).is_file()
+    Path(log).unlink()

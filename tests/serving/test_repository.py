@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,30 +14,24 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from steerlm.serve import RenderError, render_repository
 
-# REFERENCE section 4: the `tensorrt_llm` tensors the C++ backend reads and writes (name: dtype, dims).
-GENERATOR_INPUTS = {
-    "input_ids": ("TYPE_INT32", [-1]), "input_lengths": ("TYPE_INT32", [1]),
-    "request_output_len": ("TYPE_INT32", [1]), "end_id": ("TYPE_INT32", [1]), "pad_id": ("TYPE_INT32", [1]),
-    "stop_words_list": ("TYPE_INT32", [2, -1]), "bad_words_list": ("TYPE_INT32", [2, -1]),
-    "streaming": ("TYPE_BOOL", [1]), "temperature": ("TYPE_FP32", [1]), "runtime_top_k": ("TYPE_INT32", [1]),
-    "runtime_top_p": ("TYPE_FP32", [1]), "seed": ("TYPE_UINT64", [1]),
+# tensorrtllm_backend all_models/inflight_batcher_llm/ensemble/config.pbtxt (commit c2e65b88d852): the inputs
+# this package takes from upstream's ensemble, with upstream's types.
+UPSTREAM_INPUTS = {
+    "text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32", "num_return_sequences": "TYPE_INT32",
+    "bad_words": "TYPE_STRING", "stop_words": "TYPE_STRING", "exclude_input_in_output": "TYPE_BOOL",
+    "end_id": "TYPE_INT32", "pad_id": "TYPE_INT32", "top_k": "TYPE_INT32", "top_p": "TYPE_FP32",
+    "temperature": "TYPE_FP32", "repetition_penalty": "TYPE_FP32", "min_tokens": "TYPE_INT32",
+    "presence_penalty": "TYPE_FP32", "frequency_penalty": "TYPE_FP32", "seed": "TYPE_UINT64",
+    "beam_width": "TYPE_INT32", "stream": "TYPE_BOOL",
 }
-GENERATOR_OUTPUTS = {"output_ids": ("TYPE_INT32", [-1, -1]), "sequence_length": ("TYPE_INT32", [-1])}
-# tensorrtllm_backend's user-facing ensemble names, plus the SteerLM additions.
-ENSEMBLE_INPUTS = {
-    "text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32", "stop_words": "TYPE_STRING", "bad_words": "TYPE_STRING",
-    "stream": "TYPE_BOOL", "temperature": "TYPE_FP32", "top_k": "TYPE_INT32", "top_p": "TYPE_FP32",
-    "seed": "TYPE_UINT64", "end_id": "TYPE_INT32", "pad_id": "TYPE_INT32",
-    "attributes": "TYPE_STRING", "system": "TYPE_STRING", "history": "TYPE_STRING",
-}
+# perf_analyzer genai-perf/genai_perf/inputs/converters/tensorrtllm_converter.py (commit ceccbfa04026) sends
+# min_length with --output-tokens-mean-deterministic.
+STEERLM_INPUTS = {"min_length": "TYPE_INT32", "attributes": "TYPE_STRING", "system": "TYPE_STRING", "history": "TYPE_STRING",
+                  "return_num_input_tokens": "TYPE_BOOL", "return_num_output_tokens": "TYPE_BOOL"}
 
 
 def config(repo, model) -> mc.ModelConfig:
     return text_format.Parse((repo / model / "config.pbtxt").read_text(), mc.ModelConfig())
-
-
-def tensors(items):
-    return {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in items}
 
 
 def params(cfg):
@@ -51,64 +46,81 @@ def engine_dir(tmp_path):
     return engine
 
 
-def test_trtllm_rendering_points_the_cpp_backend_at_the_engine(tmp_path, tiny_model, engine_dir):
-    repo = render_repository(tmp_path / "repo", tiny_model, backend="trtllm", engine_dir=engine_dir)
-    cfg = config(repo, "tensorrt_llm")
-    assert cfg.backend == "tensorrtllm" and cfg.model_transaction_policy.decoupled
-    assert {k: v for k, v in tensors(cfg.input).items() if k in GENERATOR_INPUTS} == GENERATOR_INPUTS
-    assert tensors(cfg.output) == GENERATOR_OUTPUTS
-    p = params(cfg)
-    assert p["gpt_model_path"] == str(engine_dir.resolve())
-    assert p["gpt_model_type"] == "inflight_fused_batching"
-    assert p["exclude_input_in_output"] == "true" and p["enable_kv_cache_reuse"] == "true"
-    assert not (repo / "tensorrt_llm" / "1" / "model.py").exists()
-    assert params(config(repo, "preprocessing"))["model_dir"] == str(tiny_model.resolve())
+@pytest.mark.parametrize("backend, device, engine, options", [
+    ("cpu", None, "torch", {"device": "cpu"}),
+    ("torch", "cuda", "torch", {"device": "cuda"}),
+    ("trtllm", None, "trtllm", {}),
+])
+def test_every_backend_renders_the_same_models_and_only_chooses_the_engine(tmp_path, tiny_model, engine_dir,
+                                                                          backend, device, engine, options):
+    repo = render_repository(tmp_path / backend, tiny_model, backend=backend, device=device,
+                             engine_dir=engine_dir if backend == "trtllm" else None)
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["ensemble", "generator", "preprocessing",
+                                                                    "steerlm"]
+    generator = config(repo, "generator")
+    assert generator.backend == "python" and generator.model_transaction_policy.decoupled
+    p = params(generator)
+    assert p["generation_engine"] == engine and json.loads(p["engine_options"]) == options
+    assert p["model_dir"] == str(tiny_model.resolve())
+    assert p["engine_dir"] == (str(engine_dir.resolve()) if backend == "trtllm" else "")
+    assert not config(repo, "preprocessing").model_transaction_policy.decoupled
+    assert config(repo, "preprocessing").instance_group[0].count >= 2  # a large request never blocks the rest
+    cpu = render_repository(tmp_path / "reference", tiny_model)
+    for name in ("steerlm", "ensemble", "preprocessing"):
+        assert config(repo, name) == config(cpu, name)
 
 
-def test_both_backends_share_one_generator_contract_and_ensemble(tmp_path, tiny_model, engine_dir):
-    cpu = render_repository(tmp_path / "cpu", tiny_model, backend="cpu")
-    gpu = render_repository(tmp_path / "gpu", tiny_model, backend="trtllm", engine_dir=engine_dir)
-    assert config(cpu, "tensorrt_llm").backend == "python"
-    assert params(config(cpu, "tensorrt_llm"))["hf_model_dir"] == str(tiny_model.resolve())
-    assert (cpu / "tensorrt_llm" / "1" / "model.py").is_file()
-    cpu_gen, gpu_gen = config(cpu, "tensorrt_llm"), config(gpu, "tensorrt_llm")
-    assert tensors(cpu_gen.input) == tensors(gpu_gen.input) and tensors(cpu_gen.output) == tensors(gpu_gen.output)
-    for name in ("steerlm", "preprocessing", "postprocessing"):
-        assert config(cpu, name) == config(gpu, name)
-    ensemble = config(cpu, "steerlm")
-    assert ensemble.platform == "ensemble"
-    assert {t.name: mc.DataType.Name(t.data_type) for t in ensemble.input} == ENSEMBLE_INPUTS
-    assert [t.name for t in ensemble.input if not t.optional] == ["text_input", "max_tokens"]
-    assert {t.name for t in ensemble.output} == {"text_output", "prompt"}
-
-
-def test_the_generator_receives_tensorrt_llm_tensor_names(tmp_path, tiny_model):
-    """Postprocessing forwards its inputs to `tensorrt_llm` unchanged, so their names are the generator's."""
+def test_the_ensemble_takes_upstreams_inputs_under_both_names(tmp_path, tiny_model):
     repo = render_repository(tmp_path / "repo", tiny_model)
-    forwarded = {t.name for t in config(repo, "postprocessing").input} - {"STOP_STRINGS", "PROMPT"}
-    assert forwarded <= set(GENERATOR_INPUTS)
-    assert {t.name for t in config(repo, "tensorrt_llm").input} >= forwarded
+    for name in ("steerlm", "ensemble"):
+        ensemble = config(repo, name)
+        assert ensemble.name == name and ensemble.platform == "ensemble"
+        assert {t.name: mc.DataType.Name(t.data_type) for t in ensemble.input} == UPSTREAM_INPUTS | STEERLM_INPUTS
+        assert [t.name for t in ensemble.input if not t.optional] == ["text_input", "max_tokens"]
+        assert {t.name for t in ensemble.output} == {"text_output", "prompt", "finish_reason", "num_input_tokens",
+                                                      "num_output_tokens"}
+        first, second = ensemble.ensemble_scheduling.step
+        # Every input goes to preprocessing under its own name (errors name what the client sent) ...
+        assert dict(first.input_map) == {t.name: t.name for t in ensemble.input}
+        # ... and the generator gets only what preprocessing built.
+        assert (first.model_name, second.model_name) == ("preprocessing", "generator")
+        assert set(second.input_map.values()) == set(first.output_map.values())
+    assert [t.name for t in config(repo, "preprocessing").input] == [t.name for t in config(repo, "steerlm").input]
 
 
-@pytest.mark.parametrize("problem", ["reward_as_generator", "unknown_backend", "occupied_dir", "no_engine"])
+def test_the_shared_secret_is_in_the_repository_but_in_no_model(tmp_path, tiny_model):
+    repo = render_repository(tmp_path / "repo", tiny_model)
+    key = repo / ".steerlm-key"
+    assert key.is_file() and oct(key.stat().st_mode & 0o777) == "0o600" and len(key.read_text()) == 64
+    assert key.read_text() != render_repository(tmp_path / "other", tiny_model).joinpath(".steerlm-key").read_text()
+    assert not any(key.read_text() in f.read_text() for f in repo.rglob("config.pbtxt"))
+
+
+@pytest.mark.parametrize("problem", ["reward_as_generator", "unknown_backend", "occupied_dir", "bad_spec",
+                                     "cpu_on_cuda"])
 def test_render_refuses_what_cannot_work(tmp_path, tiny_model, problem):
     from steerlm.spec import SteerSpec, load_spec, save_spec
 
     kwargs = dict(model_dir=tiny_model)
-    if problem == "reward_as_generator":
-        rm = tmp_path / "rm"
-        shutil.copytree(tiny_model, rm)
-        spec = load_spec(rm)
-        save_spec(rm, SteerSpec(spec.schema, spec.template, "reward_model", {"pooling": "last"}))
-        kwargs["model_dir"], match = rm, "not a SteerLM generator"
+    if problem in ("reward_as_generator", "bad_spec"):
+        copy = tmp_path / "copy"
+        shutil.copytree(tiny_model, copy)
+        kwargs["model_dir"] = copy
+        if problem == "bad_spec":
+            (copy / "steerlm.json").write_text("{not json")
+            match = re.escape(str(copy.resolve() / "steerlm.json"))
+        else:
+            spec = load_spec(copy)
+            save_spec(copy, SteerSpec(spec.schema, spec.template, "reward_model", {"pooling": "last"}))
+            match = "not a SteerLM generator"
     elif problem == "unknown_backend":
-        kwargs["backend"], match = "vllm", "cpu, trtllm"
-    elif problem == "occupied_dir":
+        kwargs["backend"], match = "vllm", "cpu, torch, trtllm"
+    elif problem == "cpu_on_cuda":
+        kwargs["device"], match = "cuda", "use backend torch"
+    else:
         (tmp_path / "repo").mkdir()
         (tmp_path / "repo" / "notes.txt").write_text("mine")
         match = "not a rendered SteerLM repository"
-    else:
-        kwargs["backend"], match = "trtllm", "needs --engine-dir"
     with pytest.raises(RenderError, match=match):
         render_repository(tmp_path / "repo", **kwargs)
     if problem == "occupied_dir":
@@ -137,7 +149,7 @@ def test_dry_run_prints_one_tritonserver_per_rank_under_mpirun(tmp_path, tiny_mo
         assert "--http-port=8000" in words and "--grpc-port=8001" in words
     assert "--load-model=tensorrt_llm" in ranks[1] and "--model-control-mode=explicit" in ranks[1]
     assert "--load-model" not in ranks[0]
-    assert config(tmp_path / "repo", "tensorrt_llm").backend == "tensorrtllm"
+    assert params(config(tmp_path / "repo", "generator"))["generation_engine"] == "trtllm"
 
 
 def test_tp_must_match_the_engine(tmp_path, tiny_model, engine_dir):

@@ -6,6 +6,7 @@ import re
 import threading
 
 import numpy as np
+
 import pytest
 
 from steerlm.tokenize import load_tokenizer
@@ -154,35 +155,69 @@ def test_stock_tensorrtllm_backend_clients_work_over_http_generate(server):
     assert re.match(r"<extra_id_0>System\n", doc["prompt"])
 
 
-def test_generation_model_keeps_the_tensorrt_llm_tensor_contract(server, tiny_model):
-    """`tensorrt_llm` answers a raw request with the C++ backend's tensors (ModelStreamInfer: decoupled)."""
+def grpc_error(server, **inputs) -> str:
+    """The error of one request sent with exactly these numpy inputs (each [1, n])."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
 
-    from steerlm.serve.requests import RequestBuilder, word_list
-
-    prepared = RequestBuilder(tiny_model).build(QUESTION, 8)
-    ids = np.array([prepared.input_ids], dtype=np.int32)
-    tensors = {
-        "input_ids": ids, "input_lengths": np.array([[ids.shape[1]]], dtype=np.int32),
-        "request_output_len": np.array([[8]], dtype=np.int32), "end_id": np.array([[prepared.end_id]], np.int32),
-        "pad_id": np.array([[prepared.pad_id]], np.int32), "stop_words_list": word_list(prepared.stop_words)[None],
-        "streaming": np.array([[True]]),
-    }
-    inputs = []
-    for name, arr in tensors.items():
-        inp = grpcclient.InferInput(name, list(arr.shape), "BOOL" if arr.dtype == bool else "INT32")
-        inp.set_data_from_numpy(arr)
-        inputs.append(inp)
-    results = []
+    errors = []
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=lambda result, error: results.append((result, error)))
-    client.async_stream_infer("tensorrt_llm", inputs)
+    client.start_stream(callback=lambda result, error: errors.append(error))
+    tensors = []
+    for name, arr in inputs.items():
+        t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+    client.async_stream_infer("steerlm", tensors)
     client.stop_stream()
     client.close()
-    assert all(e is None for _, e in results)
-    tokens = [r.as_numpy("output_ids") for r, _ in results]
-    assert all(t.dtype == np.int32 and t.ndim == 3 and t.shape[:2] == (1, 1) for t in tokens)
-    lengths = [int(r.as_numpy("sequence_length")[0, 0]) for r, _ in results]
-    assert lengths == [t.shape[2] for t in tokens]
-    streamed = np.concatenate([t[0, 0] for t in tokens]).tolist()
-    assert 1 <= len(streamed) <= 8 and prepared.end_id not in streamed
+    assert errors and errors[0] is not None, "the request was accepted"
+    return str(errors[0])
+
+
+def _b(text: bytes):
+    return np.array([[text]], dtype=np.object_)
+
+
+BASE = {"text_input": _b(QUESTION.encode()), "max_tokens": np.array([[4]], dtype=np.int32)}
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("inputs, expected", [
+    (dict(temperature=np.array([[np.nan]], np.float32)), "temperature must be a finite number >= 0, got nan"),
+    (dict(temperature=np.array([[np.inf]], np.float32)), "temperature must be a finite number"),  # 1e39 as FP32
+    (dict(top_p=np.array([[1.5]], np.float32)), "top_p must be in (0, 1]"),
+    (dict(top_k=np.array([[-5]], np.int32)), "top_k must be an integer >= 0"),
+    (dict(presence_penalty=np.array([[np.inf]], np.float32)), "presence_penalty must be a finite number"),
+    (dict(max_tokens=np.array([[-2147483648]], np.int32)), "max_tokens must be an integer >= 1"),
+    (dict(min_tokens=np.array([[9]], np.int32)), "min_tokens must be an integer in 0..max_tokens (4)"),
+    (dict(text_input=_b(b"caf\xff")), "text_input is not valid UTF-8"),
+    (dict(text_input=_b("lone \ud800".encode("utf-8", "surrogatepass"))), "text_input is not valid UTF-8"),
+    (dict(system=_b(b"\xc3")), "system is not valid UTF-8"),
+    (dict(history=_b(b'[{"question": "a", "answer": "b", "labels": 5}]')), "history[0].labels must be a label string"),
+    (dict(history=_b(b'[{"question": "a", "answer": "b", "attributes": [1]}]')), "history[0].attributes must be"),
+    (dict(history=_b(b'[{"question": "a", "answer": 7}]')), "history[0].answer must be a string"),
+    (dict(history=_b(b'["a"]')), "history[0] must be an object"),
+    (dict(history=_b(DEEP.encode())), "history is nested too deeply"),
+    (dict(end_id=np.array([[10**6]], np.int32)), "end_id must be a token id in 0.."),
+])
+def test_every_rejection_names_the_field_and_leaks_no_internals(server, inputs, expected):
+    message = grpc_error(server, **(BASE | inputs))
+    assert expected in message
+    assert "Traceback" not in message and 'File "' not in message and "/steerlm/" not in message
+    assert SteerClient(server.grpc_url).generate(QUESTION, max_tokens=2)  # the server keeps serving
+
+
+def test_an_unsendable_http_body_is_refused_by_triton_without_internals(server):
+    """Type errors in HTTP JSON (text_input as a number) are caught by Triton's own parser, before any model:
+    the message is Triton's, without a stack frame or path; the SteerLM OpenAI API validates these by name."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/steerlm/generate",
+                                 data=json.dumps({"text_input": 5, "max_tokens": 4}).encode())
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    body = err.value.read().decode()
+    assert err.value.code >= 400 and "JSON" in body and "Traceback" not in body and "/steerlm/" not in body

@@ -1,4 +1,4 @@
-"""Incremental detokenization and stop strings, as the postprocessing model applies them to token streams."""
+"""Incremental detokenization and stop strings, as the generator model applies them to token streams."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ class Metrics:
         self.tokens.increment(tokens - self._seen[1])
         self._seen = (steps, tokens)
         self.running.set(getattr(engine, "running", 0))
-        self.pending.set(engine.pending())
+        self.pending.set(engine.pending() if hasattr(engine, "pending") else 0)
 
 
 class TritonPythonModel:

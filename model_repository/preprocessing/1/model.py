@@ -42,11 +42,18 @@ class TritonPythonModel:
         words = {name: [decode_text(f"{name}[{i}]", v, self.limit) for i, v in enumerate(self._values(request, name))]
                  for name in ("stop_words", "bad_words")}
         text = {name: self._text(request, name) for name in TEXT}
+        sampling = {name: self._scalar(request, name) for name in SAMPLING_TYPES}
+        min_length = self._scalar(request, "min_length")
+        if min_length is not None:
+            if sampling["min_tokens"] not in (None, min_length):
+                raise RequestError(f"min_length is another name for min_tokens; got both, and they differ "
+                                   f"({min_length} and {sampling['min_tokens']})")
+            sampling["min_tokens"] = min_length
         return self.builder.build(
             self._text(request, "text_input"), self._scalar(request, "max_tokens"),
             **text, **words,
             end_id=self._scalar(request, "end_id"), pad_id=self._scalar(request, "pad_id"),
-            sampling={name: self._scalar(request, name) for name in SAMPLING_TYPES},
+            sampling=sampling,
             beam_width=self._scalar(request, "beam_width"),
             num_return_sequences=self._scalar(request, "num_return_sequences"),
             **{name: self._scalar(request, name) for name in FLAGS},

@@ -1,4 +1,4 @@
-"""build/st_stream.py: incrementally written safetensors files are ordinary safetensors files."""
+"""steerlm.convert.stream: incrementally written safetensors files are ordinary safetensors files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from st_stream import CheckpointReader, StreamingWriter
+from steerlm.convert.stream import CheckpointReader, StreamingWriter
 
 
 def test_streamed_file_reads_back_with_safetensors(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from trtllm_ckpt import DTYPES, FormatError, kv_heads_per_rank, load_config, quantize_fp8
+from steerlm.convert.trtllm_ckpt import DTYPES, FormatError, kv_heads_per_rank, load_config, quantize_fp8
 
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -24,25 +24,34 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class TrtllmReference:
-    def __init__(self, checkpoint_dir: str | os.PathLike) -> None:
-        self.dir = Path(checkpoint_dir)
-        self.config = cfg = load_config(self.dir)
+    def __init__(self, config: dict, ranks: list[dict[str, torch.Tensor]]) -> None:
+        self.config = cfg = config
         mapping = cfg["mapping"]
         if mapping.get("pp_size", 1) != 1:
             raise FormatError("pipeline-parallel checkpoints are not supported by the reference forward")
         self.tp = int(mapping["tp_size"])
+        if len(ranks) != self.tp:
+            raise FormatError(f"{len(ranks)} rank(s) of tensors for tp_size={self.tp}")
         self.fp8_kv = (cfg.get("quantization") or {}).get("kv_cache_quant_algo") == "FP8"
         self.act_dtype = DTYPES[cfg["dtype"]]
-        self.ranks = []
-        for r in range(self.tp):
-            path = self.dir / f"rank{r}.safetensors"
-            if not path.is_file():
-                raise FormatError(f"{path} missing: config.json declares tp_size={self.tp}")
-            self.ranks.append(load_file(path))
+        self.ranks = ranks
         self.heads = cfg["num_attention_heads"]
         self.kv_heads = cfg["num_key_value_heads"]
         self.head_size = cfg.get("head_size") or cfg["hidden_size"] // self.heads
         self.inv_freq = _inv_freq(self.head_size, float(cfg.get("rotary_base", 10000.0)), cfg.get("rotary_scaling"))
+
+    @classmethod
+    def from_dir(cls, checkpoint_dir: str | os.PathLike) -> "TrtllmReference":
+        """A TensorRT-LLM checkpoint directory (config.json + rank{N}.safetensors)."""
+        directory = Path(checkpoint_dir)
+        config = load_config(directory)
+        ranks = []
+        for r in range(int(config["mapping"]["tp_size"])):
+            path = directory / f"rank{r}.safetensors"
+            if not path.is_file():
+                raise FormatError(f"{path} missing: config.json declares tp_size={config['mapping']['tp_size']}")
+            ranks.append(load_file(path))
+        return cls(config, ranks)
 
     def _round(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.act_dtype).float()

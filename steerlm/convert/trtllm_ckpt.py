@@ -1,4 +1,4 @@
-"""The TensorRT-LLM Llama checkpoint format: config.json and the per-rank tensors (REFERENCE section 3).
+"""The TensorRT-LLM Llama checkpoint format: config.json and the per-rank tensors.
 
 `rank_units()` is the single description of the mapping from Hugging Face names to TensorRT-LLM names
 and tensor-parallel splits. The converter runs it twice: once over shape-only ("meta") tensors to lay

@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from sample_prompts import sample_token_ids
-from trtllm_ckpt import Fp8Stats
+from steerlm.convert.prompts import sample_token_ids
+from steerlm.convert.trtllm_ckpt import Fp8Stats
 
 CALIBRATORS = ("builtin", "modelopt")
 
