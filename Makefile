@@ -20,6 +20,7 @@ TP ?= 1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+API_PORT ?= 8080
 # engine (docs/build.md)
 DTYPE ?= bfloat16
 GPU ?= h100
@@ -38,7 +39,7 @@ help:
 	@echo "make test                  lint, then run the test suite"
 	@echo "make lint                  ruff (rules in pyproject.toml)"
 	@echo "make tiny                  write a tiny random SteerLM checkpoint to runs/tiny"
-	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|torch|trtllm DEVICE=cuda ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT=]"
+	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|torch|trtllm DEVICE=cuda ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT= API_PORT=]"
 	@echo "make soak [SOAK_REQUESTS=5000]   serving: long mixed load (0 lost) and client cancellation, measured"
 	@echo "make engine MODEL=DIR TP=N DTYPE=bfloat16|float16|fp8 GPU=a100-40|a100-80|h100|h200 [OUT=DIR] [PLAN=1] [ENGINE=legacy] [MAX_BATCH=N]"
 	@echo "make eval MODEL=DIR RM=DIR"
@@ -79,7 +80,8 @@ serve: $(if $(TRTLLM),,$(STAMP))
 	$(if $(TRTLLM),PYTHONPATH=$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON),$(PY)) -m steerlm.serve \
 		--model $(MODEL) $(if $(RM),--reward-model $(RM)) --backend $(BACKEND) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) $(if $(filter-out file,$(origin TP)),--tp $(TP)) \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+		--api-port $(API_PORT)
 
 engine: $(STAMP)
 	$(PY) build/build_engine.py --model_dir $(MODEL) --tp_size $(TP) --dtype $(DTYPE) --gpu $(GPU) \

@@ -88,9 +88,25 @@ class PromptTemplate:
 
         Messages use roles `system`, `user` and `assistant`; an assistant message may carry
         `labels` (a label string). `add_generation_prompt` opens the final assistant turn, whose
-        labels come from the `labels` variable. Tested byte-equal with `render()`."""
+        labels come from the `labels` variable. Tested byte-equal with `render()`.
+
+        `apply_chat_template(..., tokenize=True)` tokenizes the rendered string with control tokens recognised
+        everywhere, so text a user typed could become a control token there; the template therefore refuses
+        (raise_exception) any message content holding a control string, and label strings holding one or a
+        line break. Labels are not checked against the schema here: build them with `steerlm.schema`."""
         def j(s: str) -> str:
             return s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+
+        controls = "[" + ", ".join(f"'{j(c)}'" for c in self.control_tokens) + "]"
+
+        def guard(expr: str, what: str, one_line: bool = False) -> str:
+            out = ("{%- for c in " + controls + " -%}{%- if c in " + expr + " -%}{{- raise_exception('" + what
+                   + " holds the control string ' + c + '; SteerLM user text and labels may not contain one') -}}"
+                   "{%- endif -%}{%- endfor -%}")
+            if one_line:
+                out += ("{%- if '\\n' in " + expr + " -%}{{- raise_exception('" + what
+                        + " holds a line break; a label string is one line') -}}{%- endif -%}")
+            return out
 
         def piece(fmt: str, field_name: str, expr: str) -> str:
             before, _, after = fmt.partition("{" + field_name + "}")
@@ -101,13 +117,16 @@ class PromptTemplate:
             "{%- if messages and messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] -%}{%- endif -%}"
             "{{- " + piece(self.system, "system", "ns.system") + " -}}"
             "{%- for m in messages -%}"
-            "{%- if m['role'] == 'user' -%}{{- " + piece(self.user, "question", "m['content']") + " -}}"
+            + guard("m['content']", "a ' + m['role'] + ' message")
+            + guard("(m['labels'] if m['labels'] is defined else '')", "the labels of an assistant message", True)
+            + "{%- if m['role'] == 'user' -%}{{- " + piece(self.user, "question", "m['content']") + " -}}"
             "{%- elif m['role'] == 'assistant' -%}"
             "{{- " + piece(self.assistant, "labels", "(m['labels'] if m['labels'] is defined else '')") + " -}}"
             "{{- m['content'] + '" + j(self.answer_end) + "' -}}"
             "{%- endif -%}"
             "{%- endfor -%}"
-            "{%- if add_generation_prompt -%}{{- "
+            + guard("(labels if labels is defined else '')", "labels", True)
+            + "{%- if add_generation_prompt -%}{{- "
             + piece(self.assistant, "labels", "(labels if labels is defined else '')")
             + " -}}{%- endif -%}"
         )

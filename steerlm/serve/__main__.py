@@ -80,9 +80,12 @@ def _raise_stop(*_) -> None:
 @click.option("--tritonserver", "tritonserver_bin", default=None,
               help="trtllm: tritonserver executable [default: /opt/tritonserver/bin/tritonserver or PATH].")
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for the server to be ready.")
+@click.option("--api-port", default=8080, show_default=True,
+              help="OpenAI-compatible and NeMo /generate HTTP API port (0: any free port; -1: no API).")
 @click.option("--dry-run", is_flag=True, help="Render the repository and print the server command; start nothing.")
 def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port, grpc_port, metrics_port, address,
-         repo_dir, max_batch_size, max_input_bytes, stall_timeout, tritonserver_bin, timeout, dry_run) -> None:
+         repo_dir, max_batch_size, max_input_bytes, stall_timeout, tritonserver_bin, timeout, api_port,
+         dry_run) -> None:
     """Serve a SteerLM model through the Triton ensemble `steerlm` (also `ensemble`; and `reward_model` with
     --reward-model).
 
@@ -138,7 +141,7 @@ def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port
         if dry_run:
             click.echo("server command (run it from any shell):\n  " + shell_line(server.command()))
             return
-        _serve(server, backend)
+        _serve(server, backend, api=(model_dir, api_port))
     except _Stop:
         click.echo("stopped.", err=True)
     finally:
@@ -151,7 +154,9 @@ def _log_path() -> Path:
     return Path(tempfile.gettempdir()) / f"steerlm-serve-{os.getpid()}.log"
 
 
-def _serve(server: TritonServer, backend: str) -> None:
+def _serve(server: TritonServer, backend: str, api: tuple[str | None, int]) -> None:
+    from steerlm.api.server import beside
+
     failed = True
     try:
         try:
@@ -160,12 +165,13 @@ def _serve(server: TritonServer, backend: str) -> None:
             raise click.ClickException(str(exc)) from None
         click.echo(_banner(server.http_url, server.grpc_url, server.metrics_url, server.repo_dir, server.log_path,
                            backend))
-        click.echo("Ctrl-C stops the server.")
-        while True:
-            time.sleep(0.5)
-            problem = server.check_health()
-            if problem:
-                raise click.ClickException(f"stopping: {problem}")
+        with beside(api[0], server.grpc_url, api[1], click.echo):
+            click.echo("Ctrl-C stops the server.")
+            while True:
+                time.sleep(0.5)
+                problem = server.check_health()
+                if problem:
+                    raise click.ClickException(f"stopping: {problem}")
     except _Stop:
         failed = False
         raise

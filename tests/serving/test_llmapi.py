@@ -18,8 +18,17 @@ import torch
 from steerlm.generation import Engine
 from steerlm.sampling import GenerationRequest, SamplingParams
 from steerlm.serve import llmapi
-from steerlm.serve.llmapi import (INSTALL_HINT, BannedSequences, LLMAPIEngine, LLMAPIError, check_version,
-                                  llm_kwargs, llmapi_sampling_kwargs, load_llm, read_layout)
+from steerlm.serve.llmapi import (
+    INSTALL_HINT,
+    BannedSequences,
+    LLMAPIEngine,
+    LLMAPIError,
+    check_version,
+    llm_kwargs,
+    llmapi_sampling_kwargs,
+    load_llm,
+    read_layout,
+)
 from steerlm.serve.requests import RequestBuilder
 from tests.serving import llmapi_facade
 
