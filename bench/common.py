@@ -125,9 +125,12 @@ def command_line(script: str, argv: Sequence[str] | None = None) -> str:
 
 
 def record(name: str, *, command: str, info: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any]],
-           markdown: str, extra: Mapping[str, Any] | None = None, results: Path | None = None,
-           benchmarks_md: Path | None = None) -> dict[str, Any]:
-    """Print the section, store it under `name` in results.json and between markers in BENCHMARKS.md."""
+           markdown: str, extra: Mapping[str, Any] | None = None, out: str | os.PathLike | None = None,
+           results: Path | None = None, benchmarks_md: Path | None = None) -> dict[str, Any]:
+    """Print the section, store it under `name` in results.json and between markers in BENCHMARKS.md
+    (the recorded bench/results.json and ./BENCHMARKS.md, or OUT/results.json and OUT/BENCHMARKS.md)."""
+    if out is not None:
+        results, benchmarks_md = Path(out) / "results.json", Path(out) / "BENCHMARKS.md"
     from steerlm.files import write_json, write_atomic
 
     section = {"command": command, "machine": dict(info), "metrics": dict(metrics), **(extra or {})}
@@ -142,6 +145,15 @@ def record(name: str, *, command: str, info: Mapping[str, Any], metrics: Mapping
     text = md.read_text() if md.exists() else "# Benchmarks\n"
     write_atomic(md, replace_section(text, name, body))
     return section
+
+
+def out_option(fn):
+    """--out DIR: where a run writes results.json and BENCHMARKS.md (default: the recorded ones in the repo)."""
+    import click
+
+    return click.option("--out", type=click.Path(file_okay=False), default=None,
+                        help="Write DIR/results.json and DIR/BENCHMARKS.md instead of the recorded "
+                             "bench/results.json and BENCHMARKS.md (a run to compare with `make bench-compare`).")(fn)
 
 
 def replace_section(text: str, name: str, body: str) -> str:
