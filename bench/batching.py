@@ -23,7 +23,9 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command_line, fmt, machine, out_option, ratios, record, repeat, summarize, table  # noqa: E402
+from bench.common import command_line, fmt, machine, out_option, passive_omp, ratios, record, repeat, summarize, table  # noqa: E402
+
+passive_omp()
 
 CONCURRENCY = (4, 16, 32)
 HF_BATCH = 16
