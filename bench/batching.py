@@ -25,8 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import command_line, fmt, machine, out_option, passive_omp, ratios, record, repeat, summarize, table  # noqa: E402
 
-passive_omp()
-
 CONCURRENCY = (4, 16, 32)
 HF_BATCH = 16
 TARGET = 4.0  # at 16 concurrent, on the larger shape
@@ -181,6 +179,7 @@ def bench_shape(shape: str, work: Path, n: int, isl: int, osl: int, repeats: int
 @out_option
 def main(quick, repeats, shapes, n, isl, osl, out) -> None:
     """Throughput of the in-flight batching engine at 1/4/16/32 concurrent vs one at a time and vs HF generate."""
+    passive_omp()  # before torch is imported
     import torch
 
     repeats = repeats or (1 if quick else 3)

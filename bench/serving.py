@@ -44,8 +44,6 @@ from bench.common import (  # noqa: E402
     command_line, fmt, machine, not_available, out_option, passive_omp, ratios, record, repeat, summarize, table,
 )
 
-passive_omp()
-
 QUESTION = "Explain how a neural network learns from data, step by step."
 CONCURRENCY = (1, 8, 32)
 AIPERF = ROOT / ".venv-bench" / "bin" / "aiperf"
@@ -234,6 +232,7 @@ def openai_status(openai_url: str | None) -> str | None:
 @out_option
 def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, out) -> None:
     """TTFT, ITL, req/s and tok/s at concurrency 1/8/32: engine in-process vs Triton ensemble vs OpenAI API."""
+    passive_omp()  # before torch is imported
     from steer_train.tiny import init_tiny
     from steerlm.generation import Engine
     from steerlm.serve.triton import TritonServer

@@ -82,3 +82,32 @@ def test_record_merges_into_results_json_and_markdown(tmp_path):
     assert data["benchmarks"]["one"]["metrics"]["m"]["median"] == 2
     text = md.read_text()
     assert "`cmd 1`" in text and "`cmd 2`" in text and "test cpu" in text
+
+
+def test_flatness_compares_the_last_tokens_with_the_tenth():
+    from bench.serving import Trace, flatness
+
+    even = Trace(0.0, [0.01 * i for i in range(1, 60)])
+    assert flatness(even) == pytest.approx(1.0)
+    slowing = Trace(0.0, [0.01 * i for i in range(1, 50)] + [0.49 + 0.03 * i for i in range(1, 11)])
+    assert flatness(slowing) == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        flatness(Trace(0.0, [0.1, 0.2]))
+
+
+def test_aiperf_figures_are_found_where_the_export_nests_them():
+    from bench.serving import aiperf_stat
+
+    export = {"records": {"time_to_first_token": {"unit": "ms", "avg": 12.0, "p50": 10.0}},
+              "request_throughput": {"unit": "requests/sec", "avg": 3.5}}
+    assert aiperf_stat(export, "time_to_first_token", "p50") == 10.0
+    assert aiperf_stat(export, "request_throughput", "avg") == 3.5
+    with pytest.raises(KeyError):
+        aiperf_stat(export, "inter_token_latency", "p50")
+
+
+def test_synthetic_checkpoint_layers_track_the_requested_size():
+    from bench.convert_memory import layers_for
+
+    small, large = layers_for(0.5e9, 1024, 32000), layers_for(2e9, 1024, 32000)
+    assert 1 <= small < large
