@@ -111,3 +111,12 @@ def test_synthetic_checkpoint_layers_track_the_requested_size():
 
     small, large = layers_for(0.5e9, 1024, 32000), layers_for(2e9, 1024, 32000)
     assert 1 <= small < large
+
+
+@pytest.mark.parametrize("module", ["serving", "batching", "convert_memory", "training", "gpu", "compare"])
+def test_every_benchmark_script_explains_its_options(module):
+    import importlib
+
+    result = CliRunner().invoke(importlib.import_module(f"bench.{module}").main, ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "--out" in result.output or module == "compare"
