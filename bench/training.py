@@ -17,7 +17,7 @@ Packing efficiency is the share of non-pad tokens in the SFT blocks.
 from __future__ import annotations
 
 import json
-import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,15 +168,32 @@ def steer_train_cli(argv: list[str]) -> None:
     cli.main(argv, prog_name="steer_train", standalone_mode=False)
 
 
+def torch_profile(fn, rows: int = 15) -> str:
+    """torch.profiler table of fn(), top operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def run_timed(cmd: list[str]) -> float:
     """Seconds the child reported for its timed part (its last line: `BENCH_SECONDS x`)."""
+    return float(_run_child(cmd).split("BENCH_SECONDS ")[-1].split()[0])
+
+
+def run_profiled(cmd: list[str]) -> str:
+    out = _run_child(cmd)
+    return out.split("PROFILE_BEGIN\n", 1)[1].split("\nPROFILE_END", 1)[0]
+
+
+def _run_child(cmd: list[str]) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_SECONDS ")]
-    if not lines:
+    if "BENCH_SECONDS " not in proc.stdout:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... reported no time:\n{proc.stdout[-2000:]}")
-    return float(lines[-1].split()[1])
+    return proc.stdout
 
 
 def heldout_sft_loss(model_dir: str, samples) -> float:
@@ -239,7 +256,7 @@ def prepare(work: Path, quick: bool) -> tuple[Path, Path, Path]:
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--rm-batch", type=int, default=8, show_default=True, help="Rated turns per RM step (both runs).")
-@click.option("--child", type=click.Choice(["hf-sft", "hf-rm", "steer-train"]), hidden=True)
+@click.option("--child", type=click.Choice(["hf-sft", "hf-rm", "steer-train", "steer-train-profile"]), hidden=True)
 @click.option("--model", hidden=True)
 @click.option("--data", hidden=True)
 @click.option("--run-out", hidden=True)
@@ -253,6 +270,8 @@ def main(quick, repeats, seq_len, epochs, lr, rm_batch, child, model, data, run_
         t0 = time.perf_counter()
         if child == "steer-train":
             steer_train_cli(list(argv))
+        elif child == "steer-train-profile":
+            print("PROFILE_BEGIN\n" + torch_profile(lambda: steer_train_cli(list(argv))) + "\nPROFILE_END")
         else:
             {"hf-sft": hf_sft, "hf-rm": hf_rm}[child](model, data, run_out, json.loads(hp))
         print(f"BENCH_SECONDS {time.perf_counter() - t0:.3f}")
@@ -300,6 +319,12 @@ def main(quick, repeats, seq_len, epochs, lr, rm_batch, child, model, data, run_
             return figs
 
         raw = repeat(one, repeats)
+        profile = None
+        if statistics.median(ratios(raw["hf_sft_s"], raw["sft_s"])) < SFT_TARGET:
+            click.echo(f"  steer_train sft under {SFT_TARGET}x Trainer; profiling one run", err=True)
+            profile = run_profiled([py, __file__, "--child", "steer-train-profile", "--", "sft", "--model", str(base),
+                                    "--data", str(train), "--out", str(work / "profile"), "--seq-len", str(seq_len),
+                                    *common])
     metrics = {
         # tokens/s ratio = inverse time ratio: both process the same tokens.
         "sft_tokens_per_s_vs_trainer": summarize(ratios(raw["hf_sft_s"], raw["sft_s"])),
@@ -327,6 +352,9 @@ def main(quick, repeats, seq_len, epochs, lr, rm_batch, child, model, data, run_
                    "loss ratio"], rows_md)
           + f"\n\nPacking efficiency (non-pad share of SFT blocks): {packing:.3f} ({len(blocks)} blocks, "
             f"{truncated} truncated; target >= {PACKING_TARGET}). Target SFT tokens/s >= {SFT_TARGET}x Trainer at equal loss.")
+    if profile:
+        md += (f"\n\n`steer_train sft` is under {SFT_TARGET}x the Trainer; torch.profiler over one run, top operators by "
+               f"self CPU time:\n\n```\n{profile}\n```")
     record("training", command=command_line("bench/training.py"), info=machine(), metrics=metrics, markdown=md,
            extra={"heldout": loss, "tokens": tokens, "blocks": len(blocks), "hp": hp_}, out=out)
 
