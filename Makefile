@@ -127,7 +127,7 @@ $(BENCH_VENV)/.installed: requirements-aiperf.txt
 
 bench: $(BENCH_STAMP) $(BENCH_VENV)/.installed
 	$(PY) bench/serving.py --output-len 32 $(BENCH_TO)
-	$(PY) bench/batching.py --requests 32 --output-len 16 $(BENCH_TO)
+	$(PY) bench/batching.py --requests 32 --output-len 8 $(BENCH_TO)
 	$(PY) bench/convert_memory.py --sizes-gb 1,2,4 --tp 1,4 --repeats 2 $(BENCH_TO)
 	$(PY) bench/training.py $(BENCH_TO)
 
