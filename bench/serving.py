@@ -323,7 +323,8 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
           f"{'min_tokens pins the length' if min_tokens else 'no min_tokens in this ensemble: a request may end early at the end id'}; "
           f"requests per level max(16, concurrency); median (min-max) over {repeats} repeat(s). TTFT/ITL: medians over "
           "requests (aiperf: p50); ratios per repeat against the floor of the same repeat.\n\n"
-          + table(["path", "concurrency", "TTFT ms", "ITL ms", "req/s", "tok/s", "TTFT / floor", "ITL / floor",
+          + table(["path", "concurrency", "TTFT ms", "ITL ms", "req/s", "tok/s (triton, openai: text pieces/s)",
+                   "TTFT / floor", "ITL / floor",
                    "TTFT - floor (ms)"], rows)
           + f"\n\nPer-token flatness, one {long_len}-token stream, median ITL of the last 10 tokens / of tokens 10-20 "
             f"(target <= {FLATNESS_TARGET}): floor {fmt(metrics['floor/flatness_itl_last10_vs_10th'])}, "
