@@ -143,17 +143,22 @@ def record(name: str, *, command: str, info: Mapping[str, Any], metrics: Mapping
         results, benchmarks_md = Path(out) / "results.json", Path(out) / "BENCHMARKS.md"
     from steerlm.files import write_json, write_atomic
 
+    import fcntl
+
     section = {"command": command, "machine": dict(info), "metrics": dict(metrics), **(extra or {})}
     results = results or RESULTS
-    data = json.loads(results.read_text()) if results.exists() else {}
-    data.setdefault("benchmarks", {})[name] = section
-    write_json(results, data)
-
+    md = benchmarks_md or BENCHMARKS_MD
     body = f"`{command}`\n\nMachine: {machine_line(info)}.\n\n{markdown.strip()}\n"
     print(body, flush=True)
-    md = benchmarks_md or BENCHMARKS_MD
-    text = md.read_text() if md.exists() else "# Benchmarks\n"
-    write_atomic(md, replace_section(text, name, body))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    # Scripts run side by side may finish together: one read-modify-write of both files at a time.
+    with open(results.parent / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(results.read_text()) if results.exists() else {}
+        data.setdefault("benchmarks", {})[name] = section
+        write_json(results, data)
+        text = md.read_text() if md.exists() else "# Benchmarks\n"
+        write_atomic(md, replace_section(text, name, body))
     return section
 
 
