@@ -117,13 +117,41 @@ def hf_throughput(model, prompts: list[list[int]], max_tokens: int, batch: int, 
     return produced / (time.perf_counter() - t0)
 
 
-def profile_summary(engine, prompts, max_tokens: int, concurrency: int, rows: int = 12) -> str:
-    """Top operators by self CPU time over one run, as torch.profiler prints them."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_summary(model_dir: Path, prompts, max_tokens: int, concurrency: int, rows: int = 15) -> str:
+    """cProfile of the engine's own thread over one run, top functions by own time.
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    The engine works on a thread of its own, which neither torch.profiler nor cProfile started on this thread
+    sees; so a fresh engine is started with a thread profile hook that turns cProfile on inside its thread."""
+    import cProfile
+    import io
+    import pstats
+
+    from steerlm.generation import Engine
+
+    profiles: list[cProfile.Profile] = []
+
+    def hook(*_):
+        sys.setprofile(None)
+        prof = cProfile.Profile()
+        profiles.append(prof)
+        prof.enable()
+
+    threading.setprofile(hook)
+    try:
+        engine = Engine(model_dir, max_batch_size=concurrency)
+    finally:
+        threading.setprofile(None)
+    try:
+        engine_throughput(engine, prompts[:2], 2, 2)
         engine_throughput(engine, prompts, max_tokens, concurrency)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    finally:
+        engine.close()
+    text = io.StringIO()
+    stats = pstats.Stats(profiles[0], stream=text)
+    for prof in profiles[1:]:
+        stats.add(prof)
+    stats.sort_stats("tottime").print_stats(rows)
+    return text.getvalue().strip()
 
 
 def bench_shape(shape: str, work: Path, n: int, isl: int, osl: int, repeats: int, log) -> tuple[dict, dict]:
@@ -163,7 +191,7 @@ def bench_shape(shape: str, work: Path, n: int, isl: int, osl: int, repeats: int
         key = f"{shape}/engine_c16_vs_engine_c1"
         if shape != "tiny" and key in metrics and metrics[key]["median"] < TARGET:
             log(f"  {shape}: {metrics[key]['median']:.2f}x at 16 concurrent is under the {TARGET}x target; profiling")
-            info["profile_c16"] = profile_summary(engine, prompts, osl, 16)
+            info["profile_c16"] = profile_summary(model_dir, prompts, osl, 16)
         return metrics, info
     finally:
         engine.close()
@@ -176,8 +204,10 @@ def bench_shape(shape: str, work: Path, n: int, isl: int, osl: int, repeats: int
 @click.option("--requests", "n", type=int, default=None, help="Prompts per run (default 32, 16 with --quick).")
 @click.option("--input-len", "isl", type=int, default=32, show_default=True, help="Prompt tokens.")
 @click.option("--output-len", "osl", type=int, default=None, help="Generated tokens per request (default 32, 8 with --quick).")
+@click.option("--profile-only", is_flag=True,
+              help="Only profile one 16-concurrent run per shape (section batching_profile); no throughput figures.")
 @out_option
-def main(quick, repeats, shapes, n, isl, osl, out) -> None:
+def main(quick, repeats, shapes, n, isl, osl, profile_only, out) -> None:
     """Throughput of the in-flight batching engine at 1/4/16/32 concurrent vs one at a time and vs HF generate."""
     passive_omp()  # before torch is imported
     import torch
@@ -190,6 +220,21 @@ def main(quick, repeats, shapes, n, isl, osl, out) -> None:
     if unknown:
         raise click.BadParameter(f"unknown shape(s) {sorted(unknown)}; choose from {', '.join(SHAPES)}", param_hint="--shapes")
     torch.manual_seed(0)
+    if profile_only:
+        parts = []
+        with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp:
+            for shape in names:
+                model_dir = make_model(shape, Path(tmp) / shape)
+                from transformers import AutoConfig
+
+                prompts = prompts_for(AutoConfig.from_pretrained(model_dir).vocab_size, n, isl)
+                parts.append(f"{shape}, {n} prompts of {isl} tokens, {osl} new tokens, 16 concurrent:\n\n```\n"
+                             f"{profile_summary(model_dir, prompts, osl, 16)}\n```")
+        md = ("## In-flight batching: where the engine's time goes\n\ncProfile of the engine thread (top functions by "
+              "own time):\n\n" + "\n\n".join(parts))
+        record("batching_profile", command=command_line("bench/batching.py"), info=machine(), metrics={},
+               markdown=md, out=out)
+        return
     metrics, infos = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp:
         for shape in names:
@@ -213,8 +258,8 @@ def main(quick, repeats, shapes, n, isl, osl, out) -> None:
                   rows))
     for shape in names:
         if "profile_c16" in infos[shape]:
-            md += (f"\n\nTarget >= {TARGET}x at 16 concurrent not met on {shape}; torch.profiler, one 16-concurrent run, "
-                   f"top operators by self CPU time:\n\n```\n{infos[shape]['profile_c16']}\n```")
+            md += (f"\n\nTarget >= {TARGET}x at 16 concurrent not met on {shape}; cProfile of the engine thread over one "
+                   f"16-concurrent run, top functions by own time:\n\n```\n{infos[shape]['profile_c16']}\n```")
     record("batching", command=command_line("bench/batching.py"), info=machine(), metrics=metrics, markdown=md,
            extra={"shapes": infos, "requests": n, "input_len": isl, "output_len": osl},
            out=out)
