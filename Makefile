@@ -129,7 +129,7 @@ bench: $(BENCH_STAMP) $(BENCH_VENV)/.installed
 	$(PY) bench/serving.py --output-len 32 $(BENCH_TO)
 	$(PY) bench/batching.py --requests 32 --output-len 8 $(BENCH_TO)
 	$(PY) bench/convert_memory.py --sizes-gb 1,2,4 --tp 1,4 --repeats 2 $(BENCH_TO)
-	$(PY) bench/training.py $(BENCH_TO)
+	$(PY) bench/training.py --quick --repeats 3 $(BENCH_TO)
 
 bench-compare: $(BENCH_STAMP)
 	$(MAKE) bench BENCH_OUT=runs/bench
