@@ -31,7 +31,7 @@ MAX_BATCH ?=
 
 SOAK_REQUESTS ?= 5000
 
-.PHONY: setup test lint soak serve demo eval engine tiny lock clean help
+.PHONY: setup test lint soak serve demo eval engine tiny lock clean help bench bench-compare
 
 help:
 	@echo "make setup                 create .venv with everything a CPU machine needs (pinned)"
@@ -45,6 +45,8 @@ help:
 	@echo "make eval MODEL=DIR RM=DIR"
 	@echo "make prepare DATA_IN='a.csv b.jsonl' [DATA_DIR=runs/data]   public data -> conversation JSONL + split"
 	@echo "make train-rm | annotate | train-sft | bootstrap [BASE= RM_DIR= SFT_DIR= NPROC=N TRAIN_ARGS=...]"
+	@echo "make bench [BENCH_OUT=DIR]  serving, batching, conversion, training benchmarks -> bench/results.json, BENCHMARKS.md"
+	@echo "make bench-compare         a new run into runs/bench, compared with bench/results.json (exit 1 on regressions)"
 
 setup: $(STAMP)
 
@@ -127,3 +129,29 @@ train-sft: $(STAMP)
 bootstrap: $(STAMP)
 	$(PY) -m steer_train bootstrap --model $(SFT_DIR) --reward-model $(RM_DIR) --prompts $(DATA_DIR)/val.jsonl \
 		--out $(SFT_DIR)-bootstrap $(TRAIN_ARGS)
+
+# benchmarks (BENCHMARKS.md). BENCH_OUT=DIR writes DIR/results.json and DIR/BENCHMARKS.md instead of the recorded
+# ones; the sizes below keep the four scripts within ~15 minutes on 2 idle cores. bench/gpu.py is run by hand.
+BENCH_OUT ?=
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_TO = $(if $(BENCH_OUT),--out $(BENCH_OUT))
+
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+$(BENCH_VENV)/.installed: requirements-aiperf.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-aiperf.txt
+	touch $(BENCH_VENV)/.installed
+
+bench: $(BENCH_STAMP) $(BENCH_VENV)/.installed
+	$(PY) -m bench.serving --output-len 32 $(BENCH_TO)
+	$(PY) -m bench.batching --requests 32 --output-len 8 $(BENCH_TO)
+	$(PY) -m bench.convert_memory --sizes-gb 1,2,4 --tp 1,4 --repeats 2 $(BENCH_TO)
+	$(PY) -m bench.training --quick --repeats 3 $(BENCH_TO)
+
+bench-compare: $(BENCH_STAMP)
+	$(MAKE) bench BENCH_OUT=runs/bench
+	$(PY) -m bench.compare --baseline bench/results.json --new runs/bench/results.json
