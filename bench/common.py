@@ -30,6 +30,8 @@ def passive_omp() -> None:
     thread, run on its own thread) took 0.58 s by default and 0.004 s with OMP_WAIT_POLICY=PASSIVE. Every side of
     a comparison runs with the same setting (child processes inherit it)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 RESULTS = ROOT / "bench" / "results.json"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
