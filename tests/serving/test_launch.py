@@ -162,3 +162,12 @@ def test_a_model_that_cannot_load_is_summarized_in_one_line(tiny_model, tmp_path
     log = re.search(r"\(log: (\S+)\)$", error[0]).group(1)
     assert Path(log).is_file()
     Path(log).unlink()
+
+
+def test_server_env_puts_this_interpreter_first_and_keeps_a_user_openmp_policy():
+    from steerlm.serve.triton import server_env
+
+    env = server_env({"PATH": "/usr/bin", "LD_LIBRARY_PATH": ""})
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert server_env({"PATH": "", "OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
