@@ -80,10 +80,13 @@ def _raise_stop(*_) -> None:
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for the server to be ready.")
 @click.option("--api-port", default=8080, show_default=True,
               help="OpenAI-compatible and NeMo /generate HTTP API port (0: any free port; -1: no API).")
+@click.option("--triton-model-name", "nemo_model_name", default=None,
+              help="Also serve the model NeMo's NemoQueryLLM queries (raw SteerLM prompts in, `outputs` out) "
+                   "under this name, as NeMo's deploy script takes it (docs/serving.md, NemoQuery).")
 @click.option("--dry-run", is_flag=True, help="Render the repository and print the server command; start nothing.")
 def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port, grpc_port, metrics_port, address,
          repo_dir, max_batch_size, max_input_bytes, stall_timeout, tritonserver_bin, timeout, api_port,
-         dry_run) -> None:
+         nemo_model_name, dry_run) -> None:
     """Serve a SteerLM model through the Triton ensemble `steerlm` (also `ensemble`; and `reward_model` with
     --reward-model).
 
@@ -109,7 +112,7 @@ def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port
         try:
             render_repository(repo, model_dir, reward_model_dir, backend=backend, engine_dir=engine_dir,
                               max_batch_size=max_batch_size, device=device, max_input_bytes=max_input_bytes,
-                              stall_timeout=stall_timeout)
+                              stall_timeout=stall_timeout, nemo_model_name=nemo_model_name)
         except (RenderError, FileNotFoundError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"rendered the {backend} model repository into {repo}")
