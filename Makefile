@@ -72,7 +72,8 @@ tiny: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m steerlm.serve --model $(MODEL) $(if $(RM),--reward-model $(RM)) --backend $(BACKEND) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) --tp $(TP) \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --api-port $(API_PORT)
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --api-port $(API_PORT) \
+		$(if $(TRITON_MODEL_NAME),--triton-model-name '$(TRITON_MODEL_NAME)')
 
 engine: $(STAMP)
 	$(PY) build/build_engine.py --model_dir $(MODEL) --tp_size $(TP) --dtype $(DTYPE) --gpu $(GPU) \

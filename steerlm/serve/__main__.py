@@ -32,8 +32,10 @@ def _run_paths(repo_dir: str | None) -> tuple[Path, Path | None]:
 def _banner(server_http: str, server_grpc: str, metrics: str, repo: Path, log: Path | None, backend: str) -> str:
     lines = [
         f"SteerLM is being served by Triton ({backend} backend). Endpoints:",
-        f"  HTTP     http://{server_http}   (POST /v2/models/steerlm/generate, /generate_stream)",
-        f"  gRPC     {server_grpc}   (model 'steerlm'; streaming through ModelStreamInfer)",
+        f"  HTTP     http://{server_http}   (POST /v2/models/steerlm/generate, /generate_stream; "
+        "/v2/models/steerlm_whole/infer)",
+        f"  gRPC     {server_grpc}   (model 'steerlm' through ModelStreamInfer; 'steerlm_whole' through "
+        "unary ModelInfer)",
         f"  metrics  {metrics}",
         f"  repository {repo}" + (f"   log {log}" if log else ""),
         "Try:",

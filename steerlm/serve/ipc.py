@@ -262,7 +262,7 @@ class IpcClient:
                 os.close(fd)
 
     @classmethod
-    def from_socket(cls, sock: socket.socket) -> "IpcClient":
+    def from_socket(cls, sock: socket.socket) -> IpcClient:
         client = cls.__new__(cls)
         client.sock = sock
         return client
@@ -295,7 +295,7 @@ class IpcClient:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "IpcClient":
+    def __enter__(self) -> IpcClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

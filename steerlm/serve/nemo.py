@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from steerlm.rawprompt import PromptParseError, parse_prompt
 from steerlm.serve.requests import PreparedRequest, RequestBuilder, RequestError

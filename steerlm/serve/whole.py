@@ -8,9 +8,10 @@ batch rather than one after another.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 
 from steerlm.serve.ipc import IpcClient, IpcError
 

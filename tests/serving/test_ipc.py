@@ -13,7 +13,14 @@ import pytest
 
 from steerlm.generation import Engine
 from steerlm.serve.generator import GeneratorCore
-from steerlm.serve.ipc import IpcClient, IpcError, IpcServer, recv_message, send_message, socket_path
+from steerlm.serve.ipc import (
+    IpcClient,
+    IpcError,
+    IpcServer,
+    recv_message,
+    send_message,
+    socket_path,
+)
 from steerlm.serve.requests import RequestBuilder
 from steerlm.spec import load_spec
 from steerlm.tokenize import load_tokenizer

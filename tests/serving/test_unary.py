@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from steerlm_client import SteerClient
 from tritonclient.utils import InferenceServerException
 
 from steerlm.serve import TritonServer
 from steerlm.serve.repository import render_repository
-from steerlm_client import SteerClient
 
 QUESTION = "Where and when did techno music originate?"
 NEMO_NAME = "Llama2-70B-SteerLM-Chat"
