@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from steerlm.serve.launch import engine_world_size, trtllm_command
+from steerlm.serve.ipc import socket_path
 from steerlm.serve.repository import RenderError, render_repository
 from steerlm.serve.requests import DEFAULT_MAX_INPUT_BYTES
 from steerlm.serve.triton import ServerError, TritonServer, server_env, shell_line
@@ -155,7 +156,7 @@ def _serve(server: TritonServer, backend: str, api: tuple[str | None, int]) -> N
             raise click.ClickException(str(exc)) from None
         click.echo(_banner(server.http_url, server.grpc_url, server.metrics_url, server.repo_dir, server.log_path,
                            backend))
-        with beside(api[0], server.grpc_url, api[1], click.echo):
+        with beside(api[0], server.grpc_url, api[1], click.echo, cancel_socket=socket_path(server.repo_dir)):
             click.echo("Ctrl-C stops the server.")
             while True:
                 time.sleep(0.5)

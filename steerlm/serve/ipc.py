@@ -8,7 +8,8 @@ signed request document the ensemble passes; the signature check stays the gate.
 Messages are JSON objects, each framed by a 4-byte big-endian length:
   {"op": "submit", "id": str, "document": str, "signature": str}
       -> {"text", "prompt", "finish_reason", "num_input_tokens", "num_output_tokens"} or {"error": str}
-  {"op": "cancel", "id": str} -> {"cancelled": bool}
+  {"op": "cancel", "id": str} -> {"cancelled": bool}   (a submit's id, or the Triton request id of a request
+                                                        that came through the `steerlm` ensemble)
 A submit whose connection closes before its answer is cancelled too, like a client that goes away.
 """
 
@@ -222,11 +223,12 @@ class IpcServer:
                 self._running.pop(request_id, None)
 
     def cancel(self, request_id: str) -> bool:
-        """End the running request `request_id` at the engine's next step; False when none runs."""
+        """End the running request `request_id` (submitted here, or through Triton with that request id) at
+        the engine's next step; False when none runs."""
         with self._lock:
             sink = self._running.get(request_id)
         if sink is None:
-            return False
+            return self.core.cancel(request_id)
         sink.cancel.set()
         return True
 

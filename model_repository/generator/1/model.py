@@ -99,7 +99,8 @@ class TritonPythonModel:
             if document is None or signature is None:
                 sink.send(None, final=True, error="this model takes requests from the steerlm ensemble only")
                 continue
-            self.core.submit(document.as_numpy().reshape(-1)[0], signature.as_numpy().reshape(-1)[0], sink)
+            self.core.submit(document.as_numpy().reshape(-1)[0], signature.as_numpy().reshape(-1)[0], sink,
+                             request.request_id())
         return None
 
     def finalize(self):
