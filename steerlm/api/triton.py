@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator, Mapping
 
 import numpy as np
 
