@@ -176,3 +176,25 @@ def test_the_protocol_runs_on_a_socketpair(real_core, builder):
     with IpcClient.from_socket(left) as client:
         result = client.submit(*builder.build(QUESTION, 4).to_wire(KEY))
     assert result.finish_reason in ("stop", "length") and result.prompt == builder.build(QUESTION, 4).prompt
+
+
+def test_a_request_that_came_through_triton_is_cancelled_by_its_triton_request_id(tiny_model, builder, tmp_path):
+    from tests.serving.test_generator import FakeSink
+
+    tokenizer = load_tokenizer(tiny_model)
+    engine = EndlessEngine(token=tokenizer.encode("la", add_special_tokens=False).ids[0])
+    core = GeneratorCore(engine, tokenizer, load_spec(tiny_model).template.answer_end, KEY)
+    server = serve(core, tmp_path)
+    try:
+        sink = FakeSink()  # the decoupled model's response sender
+        core.submit(*builder.build(QUESTION, 200, stream=True).to_wire(KEY), sink, "triton-id-7")
+        assert engine.started.wait(30)
+        with IpcClient(server.path, timeout=60) as client:
+            assert client.cancel("triton-id-7") is True
+            at_cancel = engine.steps
+            sink.wait()
+            assert client.cancel("triton-id-7") is False  # ended: no longer indexed
+    finally:
+        server.close()
+    assert sink.responses[-1] == (None, True, None)  # the stream ends like a client cancellation
+    assert engine.steps - at_cancel <= 3
