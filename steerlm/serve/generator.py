@@ -128,19 +128,29 @@ class GeneratorCore:
         # Running requests by their Triton request id, for `cancel` (Triton's own gRPC stream cancellation
         # does not reliably reach a decoupled python model through an ensemble).
         self._by_id: dict[str, list[_Job]] = {}
+        # Cancels that came before their request (still in preprocessing): id -> until when it is refused.
+        self._early: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def cancel(self, request_id: str) -> bool:
-        """End the running requests with this Triton request id at the engine's next step; False if none."""
+    def cancel(self, request_id: str, remember: float = 60.0) -> bool:
+        """End the running requests with this Triton request id at the engine's next step. False if none runs;
+        a request with this id that arrives within `remember` seconds is then ended before its first step."""
         with self._lock:
             jobs = [j for j in self._by_id.pop(request_id, []) if not j.done]
+            if not jobs:
+                self._early[request_id] = time.monotonic() + remember
         for job in jobs:
             job.abort = True
         return bool(jobs)
 
     def _register(self, request_id: str, job: _Job) -> None:
         with self._lock:
-            # Finished requests leave the index here, so it holds about as many entries as are running.
+            # Finished requests and old early cancels leave the indexes here, so they stay about as large as
+            # the number of running requests.
+            now = time.monotonic()
+            self._early = {k: until for k, until in self._early.items() if until > now}
+            if self._early.pop(request_id, None) is not None:
+                job.abort = True
             self._by_id = {k: live for k, jobs in self._by_id.items() if (live := [j for j in jobs if not j.done])}
             self._by_id.setdefault(request_id, []).append(job)
 

@@ -198,3 +198,16 @@ def test_a_request_that_came_through_triton_is_cancelled_by_its_triton_request_i
         server.close()
     assert sink.responses[-1] == (None, True, None)  # the stream ends like a client cancellation
     assert engine.steps - at_cancel <= 3
+
+
+def test_a_cancel_that_arrives_before_its_request_still_ends_it(tiny_model, builder):
+    from tests.serving.test_generator import FakeSink
+
+    tokenizer = load_tokenizer(tiny_model)
+    engine = EndlessEngine(token=tokenizer.encode("la", add_special_tokens=False).ids[0])
+    core = GeneratorCore(engine, tokenizer, load_spec(tiny_model).template.answer_end, KEY)
+    assert core.cancel("early-id") is False  # the request is still in preprocessing
+    sink = FakeSink()
+    core.submit(*builder.build(QUESTION, 200, stream=True).to_wire(KEY), sink, "early-id")
+    sink.wait()
+    assert engine.steps == 0 and sink.responses[-1] == (None, True, None)
