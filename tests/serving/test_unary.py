@@ -58,7 +58,10 @@ def unary(server, protocol: str, model: str = "steerlm_whole", **values) -> dict
     client = module.InferenceServerClient(server.grpc_url if protocol == "grpc" else server.http_url,
                                           **({} if protocol == "grpc" else {"connection_timeout": 300,
                                                                             "network_timeout": 300}))
-    result = client.infer(model, _inputs(module, **values))
+    try:
+        result = client.infer(model, _inputs(module, **values))
+    finally:
+        client.close()
     return {name: result.as_numpy(name) for name in ("text_output", "finish_reason", "num_output_tokens")}
 
 
@@ -115,7 +118,10 @@ def nemo_query(server, prompts: list[str], max_output_token: int, **extra) -> np
         tensor.set_data_from_numpy(arr)
         tensors.append(tensor)
     client = httpclient.InferenceServerClient(server.http_url, network_timeout=300)
-    result = client.infer(NEMO_NAME, tensors)
+    try:
+        result = client.infer(NEMO_NAME, tensors)
+    finally:
+        client.close()
     return np.char.decode(result.as_numpy("outputs").astype("bytes"), "utf-8")
 
 
@@ -141,7 +147,11 @@ def test_max_output_len_is_accepted_under_export_deploys_name(server):
         tensor = httpclient.InferInput(name, list(value.shape), "BYTES" if value.dtype == np.object_ else "INT64")
         tensor.set_data_from_numpy(value)
         tensors.append(tensor)
-    out = httpclient.InferenceServerClient(server.http_url, network_timeout=300).infer(NEMO_NAME, tensors)
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=300)
+    try:
+        out = client.infer(NEMO_NAME, tensors)
+    finally:
+        client.close()
     assert out.as_numpy("outputs")[0, 0].decode() == nemo_query(server, [prompt], 8)[0, 0]
 
 
