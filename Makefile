@@ -39,7 +39,7 @@ help:
 	@echo "make test                  lint, then run the test suite"
 	@echo "make lint                  ruff (rules in pyproject.toml)"
 	@echo "make tiny                  write a tiny random SteerLM checkpoint to runs/tiny"
-	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|torch|trtllm DEVICE=cuda ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT= API_PORT=]"
+	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|torch|trtllm DEVICE=cuda ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT= API_PORT=] [TRITON_MODEL_NAME=NAME]"
 	@echo "make soak [SOAK_REQUESTS=5000]   serving: long mixed load (0 lost) and client cancellation, measured"
 	@echo "make engine MODEL=DIR TP=N DTYPE=bfloat16|float16|fp8 GPU=a100-40|a100-80|h100|h200 [OUT=DIR] [PLAN=1] [ENGINE=legacy] [MAX_BATCH=N]"
 	@echo "make eval MODEL=DIR RM=DIR"
@@ -83,7 +83,8 @@ serve: $(if $(TRTLLM),,$(STAMP))
 		--model $(MODEL) $(if $(RM),--reward-model $(RM)) --backend $(BACKEND) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(ENGINE_DIR),--engine-dir $(ENGINE_DIR)) $(if $(filter-out file,$(origin TP)),--tp $(TP)) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
-		--api-port $(API_PORT)
+		--api-port $(API_PORT) \
+		$(if $(TRITON_MODEL_NAME),--triton-model-name '$(TRITON_MODEL_NAME)')
 
 engine: $(STAMP)
 	$(PY) build/build_engine.py --model_dir $(MODEL) --tp_size $(TP) --dtype $(DTYPE) --gpu $(GPU) \

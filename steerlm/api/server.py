@@ -20,8 +20,10 @@ class ApiServer:
     Use as a context manager or start()/stop(); `base_url` is the OpenAI base URL (…/v1)."""
 
     def __init__(self, model_dir: str | os.PathLike, grpc_url: str, *, host: str = "127.0.0.1", port: int = 0,
-                 triton_model: str = "steerlm", served_name: str = "steerlm", timeout: float = 60.0) -> None:
-        self.app = create_app(model_dir, grpc_url, triton_model=triton_model, served_name=served_name)
+                 triton_model: str = "steerlm", served_name: str = "steerlm", timeout: float = 60.0,
+                 cancel_socket: str | os.PathLike | None = None) -> None:
+        self.app = create_app(model_dir, grpc_url, triton_model=triton_model, served_name=served_name,
+                              cancel_socket=cancel_socket)
         self.host = host
         # Binding here, not in uvicorn, makes the port known (and owned) before anyone is told it.
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -72,13 +74,14 @@ class ApiServer:
 
 @contextmanager
 def beside(model_dir: str | os.PathLike | None, grpc_url: str, port: int,
-           echo: Callable[[str], None] = print) -> Iterator[ApiServer | None]:
+           echo: Callable[[str], None] = print,
+           cancel_socket: str | os.PathLike | None = None) -> Iterator[ApiServer | None]:
     """The API next to a running tritonserver for `python -m steerlm.serve` (port -1 or no generator: none)."""
     if model_dir is None or port < 0:
         yield None
         return
     try:
-        api = ApiServer(model_dir, grpc_url, port=port).start()
+        api = ApiServer(model_dir, grpc_url, port=port, cancel_socket=cancel_socket).start()
     except OSError as exc:
         raise SystemExit(f"Error: {exc} (choose another with --api-port, 0 for any free port)") from None
     attributes = api.app.state.service.spec.schema.attributes

@@ -75,10 +75,10 @@ class Service:
     """The checkpoint's schema/template/tokenizer and the ensemble that serves it."""
 
     def __init__(self, model_dir: str | os.PathLike, grpc_url: str, *, triton_model: str = "steerlm",
-                 served_name: str = "steerlm") -> None:
+                 served_name: str = "steerlm", cancel_socket: str | os.PathLike | None = None) -> None:
         self.builder = RequestBuilder(model_dir)
         self.spec = self.builder.spec
-        self.ensemble = Ensemble(grpc_url, triton_model)
+        self.ensemble = Ensemble(grpc_url, triton_model, cancel_socket=cancel_socket)
         self.served_name = served_name
 
     # -- requests -------------------------------------------------------------------------------------------

@@ -2,11 +2,17 @@
 
 One stream per request: the request is written, the stream is half-closed, and Triton ends the call once the
 request's last response is sent. A caller that stops early (the HTTP client went away) cancels the call, which
-Triton turns into a cancelled request (CONTRACTS.md section 3 names the tensors).
+Triton turns into a cancelled request (CONTRACTS.md section 3 names the tensors). Triton 2.51 does not reliably
+carry that cancellation through the ensemble to the engine, so with the generator's local channel
+(`cancel_socket`, steerlm.serve.ipc) the request, sent under a unique Triton request id, is also cancelled
+there by that id.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping
 
@@ -20,6 +26,7 @@ DTYPES = {
     "presence_penalty": "FP32", "frequency_penalty": "FP32", "return_num_input_tokens": "BOOL",
     "return_num_output_tokens": "BOOL",
 }
+log = logging.getLogger(__name__)
 _NUMPY = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": bool}
 
 
@@ -45,9 +52,10 @@ class Piece:
 class Ensemble:
     """Client of one ensemble model; `inputs`/`outputs` are what the running model declares."""
 
-    def __init__(self, grpc_url: str, model: str = "steerlm") -> None:
+    def __init__(self, grpc_url: str, model: str = "steerlm", cancel_socket: str | os.PathLike | None = None) -> None:
         self.grpc_url = grpc_url
         self.model = model
+        self.cancel_socket = cancel_socket
         self.inputs: set[str] = set()
         self.outputs: set[str] = set()
         self._client = None
@@ -93,8 +101,10 @@ class Ensemble:
                 fields[flag] = True
         tensors = [_tensor(grpcclient, name, value) for name, value in fields.items() if value is not None]
 
+        request_id = uuid.uuid4().hex
+
         async def requests():
-            yield {"model_name": self.model, "inputs": tensors}
+            yield {"model_name": self.model, "inputs": tensors, "request_id": request_id}
 
         call = self._client.stream_infer(requests())
         finished = False
@@ -112,6 +122,20 @@ class Ensemble:
         finally:
             if not finished:
                 call.cancel()
+                self._cancel_in_engine(request_id)
+
+    def _cancel_in_engine(self, request_id: str) -> None:
+        if self.cancel_socket is None:
+            return
+        from steerlm.serve.ipc import IpcClient, IpcError
+
+        # A blocking call on purpose: it takes a local round trip, and it must not wait for an event loop
+        # that is cancelling this very task.
+        try:
+            with IpcClient(self.cancel_socket, timeout=5) as channel:
+                channel.cancel(request_id)
+        except (IpcError, OSError) as exc:
+            log.warning("could not cancel request %s in the generator: %s", request_id, exc)
 
 
 def _tensor(grpcclient, name: str, value):

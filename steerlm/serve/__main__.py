@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from steerlm.serve.ipc import socket_path
 from steerlm.serve.launch import trtllm_command
 from steerlm.serve.repository import RenderError, render_repository
 from steerlm.serve.requests import DEFAULT_MAX_INPUT_BYTES
@@ -32,8 +33,10 @@ def _run_paths(repo_dir: str | None) -> tuple[Path, Path | None]:
 def _banner(server_http: str, server_grpc: str, metrics: str, repo: Path, log: Path | None, backend: str) -> str:
     lines = [
         f"SteerLM is being served by Triton ({backend} backend). Endpoints:",
-        f"  HTTP     http://{server_http}   (POST /v2/models/steerlm/generate, /generate_stream)",
-        f"  gRPC     {server_grpc}   (model 'steerlm'; streaming through ModelStreamInfer)",
+        f"  HTTP     http://{server_http}   (POST /v2/models/steerlm/generate, /generate_stream; "
+        "/v2/models/steerlm_whole/infer)",
+        f"  gRPC     {server_grpc}   (model 'steerlm' through ModelStreamInfer; 'steerlm_whole' through "
+        "unary ModelInfer)",
         f"  metrics  {metrics}",
         f"  repository {repo}" + (f"   log {log}" if log else ""),
         "Try:",
@@ -82,10 +85,13 @@ def _raise_stop(*_) -> None:
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for the server to be ready.")
 @click.option("--api-port", default=8080, show_default=True,
               help="OpenAI-compatible and NeMo /generate HTTP API port (0: any free port; -1: no API).")
+@click.option("--triton-model-name", "nemo_model_name", default=None,
+              help="Also serve the model NeMo's NemoQueryLLM queries (raw SteerLM prompts in, `outputs` out) "
+                   "under this name, as NeMo's deploy script takes it (docs/serving.md, NemoQuery).")
 @click.option("--dry-run", is_flag=True, help="Render the repository and print the server command; start nothing.")
 def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port, grpc_port, metrics_port, address,
          repo_dir, max_batch_size, max_input_bytes, stall_timeout, tritonserver_bin, timeout, api_port,
-         dry_run) -> None:
+         nemo_model_name, dry_run) -> None:
     """Serve a SteerLM model through the Triton ensemble `steerlm` (also `ensemble`; and `reward_model` with
     --reward-model).
 
@@ -124,7 +130,8 @@ def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port
         try:
             render_repository(repo, model_dir, reward_model_dir, backend=backend, engine_dir=engine_dir,
                               max_batch_size=max_batch_size, device=device, engine_options=engine_options,
-                              max_input_bytes=max_input_bytes, stall_timeout=stall_timeout)
+                              max_input_bytes=max_input_bytes, stall_timeout=stall_timeout,
+                              nemo_model_name=nemo_model_name)
         except (RenderError, FileNotFoundError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"rendered the {backend} model repository into {repo}")
@@ -165,7 +172,7 @@ def _serve(server: TritonServer, backend: str, api: tuple[str | None, int]) -> N
             raise click.ClickException(str(exc)) from None
         click.echo(_banner(server.http_url, server.grpc_url, server.metrics_url, server.repo_dir, server.log_path,
                            backend))
-        with beside(api[0], server.grpc_url, api[1], click.echo):
+        with beside(api[0], server.grpc_url, api[1], click.echo, cancel_socket=socket_path(server.repo_dir)):
             click.echo("Ctrl-C stops the server.")
             while True:
                 time.sleep(0.5)

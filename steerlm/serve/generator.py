@@ -57,6 +57,7 @@ class _Job:
         self.generated = 0
         self.pieces: list[str] = []
         self.finish_reason: str | None = None
+        self.abort = False  # set by GeneratorCore.cancel (a cancel by request id over the local channel)
 
     # -- engine callbacks ---------------------------------------------------------------------------------
     def emit(self, tokens: list[int], final: bool) -> None:
@@ -88,7 +89,7 @@ class _Job:
         """True once the answer is complete (the engine may drop the row) or the client has gone."""
         if self.done:
             return True
-        if not self.sink.is_cancelled():
+        if not (self.abort or self.sink.is_cancelled()):
             return False
         with self.lock:
             if not self.done:
@@ -124,9 +125,38 @@ class GeneratorCore:
         self.tokenizer = tokenizer
         self.trailer = trailer
         self.key = key
+        # Running requests by their Triton request id, for `cancel` (Triton's own gRPC stream cancellation
+        # does not reliably reach a decoupled python model through an ensemble).
+        self._by_id: dict[str, list[_Job]] = {}
+        # Cancels that came before their request (still in preprocessing): id -> until when it is refused.
+        self._early: dict[str, float] = {}
+        self._lock = threading.Lock()
 
-    def submit(self, document: bytes, signature: bytes, sink: ResponseSink) -> None:
-        """Start one request; a request that cannot start is answered with its error at once."""
+    def cancel(self, request_id: str, remember: float = 60.0) -> bool:
+        """End the running requests with this Triton request id at the engine's next step. False if none runs;
+        a request with this id that arrives within `remember` seconds is then ended before its first step."""
+        with self._lock:
+            jobs = [j for j in self._by_id.pop(request_id, []) if not j.done]
+            if not jobs:
+                self._early[request_id] = time.monotonic() + remember
+        for job in jobs:
+            job.abort = True
+        return bool(jobs)
+
+    def _register(self, request_id: str, job: _Job) -> None:
+        with self._lock:
+            # Finished requests and old early cancels leave the indexes here, so they stay about as large as
+            # the number of running requests.
+            now = time.monotonic()
+            self._early = {k: until for k, until in self._early.items() if until > now}
+            if self._early.pop(request_id, None) is not None:
+                job.abort = True
+            self._by_id = {k: live for k, jobs in self._by_id.items() if (live := [j for j in jobs if not j.done])}
+            self._by_id.setdefault(request_id, []).append(job)
+
+    def submit(self, document: bytes, signature: bytes, sink: ResponseSink, request_id: str = "") -> None:
+        """Start one request; a request that cannot start is answered with its error at once.
+        A non-empty `request_id` (the client's Triton request id) makes it cancellable by `cancel`."""
         try:
             prepared = PreparedRequest.from_wire(document, signature, self.key)
         except (RequestError, ValueError, TypeError) as exc:
@@ -136,6 +166,8 @@ class GeneratorCore:
         text = TextStream(self.tokenizer, prepared.stop_strings, end_id=prepared.end_id,
                           max_tokens=prepared.max_tokens, trailer=self.trailer)
         job = _Job(prepared, sink, text)
+        if request_id:
+            self._register(request_id, job)
         try:
             # Tokens come one by one even for a whole answer: its stop strings are found in text as they appear.
             self.engine.submit(GenerationRequest(prepared.input_ids, prepared.params(), job.emit,

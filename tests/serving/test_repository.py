@@ -53,8 +53,8 @@ def test_every_backend_renders_the_same_models_and_only_chooses_the_engine(tmp_p
                                                                           backend, device, engine, options):
     repo = render_repository(tmp_path / backend, tiny_model, backend=backend, device=device,
                              engine_dir=engine_dir if backend == "trtllm" else None)
-    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["ensemble", "generator", "preprocessing",
-                                                                    "steerlm"]
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["ensemble", "generator", "generator_whole",
+                                                                    "preprocessing", "steerlm", "steerlm_whole"]
     generator = config(repo, "generator")
     assert generator.backend == "python" and generator.model_transaction_policy.decoupled
     p = params(generator)
@@ -84,6 +84,27 @@ def test_the_ensemble_takes_upstreams_inputs_under_both_names(tmp_path, tiny_mod
         assert (first.model_name, second.model_name) == ("preprocessing", "generator")
         assert set(second.input_map.values()) == set(first.output_map.values())
     assert [t.name for t in config(repo, "preprocessing").input] == [t.name for t in config(repo, "steerlm").input]
+
+
+def test_the_whole_answer_ensemble_ends_in_a_non_decoupled_model_on_the_generators_socket(tmp_path, tiny_model):
+    repo = render_repository(tmp_path / "repo", tiny_model)
+    whole, stream = config(repo, "steerlm_whole"), config(repo, "steerlm")
+    assert whole.input == stream.input and whole.output == stream.output
+    assert [s.model_name for s in whole.ensemble_scheduling.step] == ["preprocessing", "generator_whole"]
+    forwarder = config(repo, "generator_whole")
+    assert not forwarder.model_transaction_policy.decoupled and forwarder.HasField("dynamic_batching")
+    socket = params(config(repo, "generator"))["ipc_socket"]
+    assert params(forwarder)["ipc_socket"] == socket == str(repo / ".run" / "generator.sock")
+
+
+def test_the_nemo_model_is_rendered_under_the_name_given_and_a_clashing_name_is_refused(tmp_path, tiny_model):
+    repo = render_repository(tmp_path / "repo", tiny_model, nemo_model_name="Llama2-70B-SteerLM-Chat")
+    nemo = config(repo, "Llama2-70B-SteerLM-Chat")
+    assert nemo.name == "Llama2-70B-SteerLM-Chat" and [t.name for t in nemo.output] == ["outputs"]
+    assert [t.name for t in nemo.input if not t.optional] == ["prompts"]
+    for name in ("steerlm", "generator", "a/b"):
+        with pytest.raises(RenderError, match="triton-model-name"):
+            render_repository(tmp_path / "bad", tiny_model, nemo_model_name=name)
 
 
 def test_the_shared_secret_is_in_the_repository_but_in_no_model(tmp_path, tiny_model):

@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from steerlm.serve.engines import create_engine
 from steerlm.serve.generator import GeneratorCore, Watchdog
+from steerlm.serve.ipc import IpcServer
 from steerlm.serve.requests import load_key
 from steerlm.serve.triton import STALL_MARK
 from steerlm.spec import load_spec
@@ -77,6 +78,8 @@ class TritonPythonModel:
                                     max_batch_size=int(params["max_batch_size"]), **options)
         self.core = GeneratorCore(self.engine, load_tokenizer(model_dir), load_spec(model_dir).template.answer_end,
                                   load_key(Path(args["model_repository"]).parent))
+        # Whole answers for unary infer() (generator_whole, the NeMo model) come over this local channel.
+        self.ipc = IpcServer(self.core, params["ipc_socket"])
         metrics = Metrics()
         self.watchdog = Watchdog(self.engine, float(params.get("stall_timeout", 120)), self._stalled,
                                  on_tick=metrics.update)
@@ -96,9 +99,11 @@ class TritonPythonModel:
             if document is None or signature is None:
                 sink.send(None, final=True, error="this model takes requests from the steerlm ensemble only")
                 continue
-            self.core.submit(document.as_numpy().reshape(-1)[0], signature.as_numpy().reshape(-1)[0], sink)
+            self.core.submit(document.as_numpy().reshape(-1)[0], signature.as_numpy().reshape(-1)[0], sink,
+                             request.request_id())
         return None
 
     def finalize(self):
+        self.ipc.close()
         self.watchdog.stop()
         self.engine.close()
