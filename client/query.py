@@ -7,14 +7,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # steerlm_client next to this file, installed or not
-from steerlm_client import SteerClient, SteerError  # noqa: E402
-from steerlm_client.client import DEFAULT_URLS, PROTOCOLS  # noqa: E402
+# `python client/query.py` puts client/ first on sys.path, so steerlm_client next to this file is found installed or not.
+from steerlm_client import SteerClient, SteerError
+from steerlm_client.client import DEFAULT_URLS, PROTOCOLS
 
 
 def parse_attrs(items: tuple[str, ...]) -> dict[str, int]:
