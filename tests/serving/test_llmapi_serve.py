@@ -152,7 +152,7 @@ def test_rendered_trtllm_repository_serves_through_the_llmapi_engine(tmp_path, t
 
     repo = render_repository(tmp_path / "repo", tiny_model, backend="trtllm", max_batch_size=4,
                              engine_options={"tensor_parallel_size": 1})
-    # The python backend puts a model's version directory on sys.path: the generator finds this one there.
+    # The python backend puts a model's version directory on its import path: the generator finds this one there.
     site = repo / "generator" / "1"
     install_fake_tensorrt_llm(site)
     question = "Where and when did techno music originate?"
