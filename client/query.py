@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-# `python client/query.py` puts client/ first on sys.path, so steerlm_client next to this file is found installed or not.
+# Python puts the directory of a script it runs first on the import path, so `python client/query.py` finds
+# steerlm_client next to this file whether or not the package is installed.
 from steerlm_client import SteerClient, SteerError
 from steerlm_client.client import DEFAULT_URLS, PROTOCOLS
 
