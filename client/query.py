@@ -7,14 +7,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # steerlm_client next to this file, installed or not
-from steerlm_client import SteerClient, SteerError  # noqa: E402
-from steerlm_client.client import DEFAULT_URLS, PROTOCOLS  # noqa: E402
+# Python puts the directory of a script it runs first on the import path, so `python client/query.py` finds
+# steerlm_client next to this file whether or not the package is installed.
+from steerlm_client import SteerClient, SteerError
+from steerlm_client.client import DEFAULT_URLS, PROTOCOLS
 
 
 def parse_attrs(items: tuple[str, ...]) -> dict[str, int]:

@@ -15,13 +15,17 @@ import contextlib
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from steer_train.loop import Dist, barrier
+from steer_train.config import TrainConfig
+from steer_train.loop import Dist, barrier, init_dist, seed_all
+from steer_train.lora import trainable_count
+from steer_train.metrics import Metrics
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 SHARDED_DIR = "sharded"
@@ -176,6 +180,32 @@ def gathered(model: torch.nn.Module, build: Callable[[], torch.nn.Module], d: Di
 
 
 # ---------------------------------------------------------------- one resume/save path for every mode
+
+
+def start(cfg: TrainConfig) -> tuple[Dist, str]:
+    """Check what no single setting can, join the process group (under torchrun), pick the parallel mode and
+    seed every generator: the opening of every training loop."""
+    if cfg.merge and not cfg.lora:
+        raise ValueError("--merge folds a LoRA adapter into the base; it needs --lora")
+    d = init_dist(cfg.device)
+    mode = resolve(cfg.parallel, d)
+    seed_all(cfg.seed)
+    return d, mode
+
+
+def resume_run(cfg: TrainConfig, mode: str, model, opt, sched, d: Dist, total: int, **facts) -> tuple[int, Metrics]:
+    """Resume from the newest checkpoint in cfg.out, if any, and open its metrics.jsonl; a fresh run first logs
+    its settings, world size, parameter counts and `facts`. Returns the step to start from and the log."""
+    out = Path(cfg.out)
+    resumed = resume(out, mode, model, opt, sched, d)
+    if resumed is not None and d.main:
+        print(f"resuming from {out}/checkpoints at step {resumed}")
+    metrics = Metrics(out / "metrics.jsonl", d.main, resumed)
+    if d.main and resumed is None:
+        n_train, n_all = trainable_count(model)
+        metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, **facts, total_steps=total,
+                    parallel=mode, trainable_params=n_train, params=n_all)
+    return resumed or 0, metrics
 
 
 def resume(out: Path, mode: str, model, opt, sched, d: Dist) -> int | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -29,12 +28,10 @@ from steer_train.loop import (
     barrier,
     cosine_factor,
     epoch_order,
-    init_dist,
     on_gpu_unless_set,
-    seed_all,
 )
-from steer_train.lora import apply_lora, lora_settings, merge, save_adapter, trainable_count
-from steer_train.metrics import Metrics, plot_losses
+from steer_train.lora import apply_lora, lora_settings, merge, save_adapter
+from steer_train.metrics import plot_losses
 from steer_train.models import base_spec
 from steer_train.preference import BT_LOSSES, bt_loss, load_pairs
 from steer_train.quality import rm_eval, rm_table
@@ -83,12 +80,8 @@ def train(cfg: RMConfig) -> Path:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    if cfg.merge and not cfg.lora:
-        raise ValueError("--merge folds a LoRA adapter into the base; it needs --lora")
-    d = init_dist(cfg.device)
-    mode = parallel.resolve(cfg.parallel, d)
+    d, mode = parallel.start(cfg)
     out = Path(cfg.out)
-    seed_all(cfg.seed)
     spec = base_spec(cfg.model, cfg.schema)
     weights = parse_attribute_weights(cfg.attribute_weights, spec.schema) if cfg.attribute_weights else None
     bt = cfg.loss in BT_LOSSES
@@ -147,15 +140,7 @@ def train(cfg: RMConfig) -> Path:
     )
     warmup = min(cfg.warmup, total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total, warmup, cfg.min_lr_ratio))
-    resumed = parallel.resume(out, mode, model, opt, sched, d)
-    start = resumed or 0
-    if resumed is not None and d.main:
-        print(f"resuming from {out}/checkpoints at step {start}")
-    metrics = Metrics(out / "metrics.jsonl", d.main, resumed)
-    if d.main and resumed is None:
-        n_train, n_all = trainable_count(model)
-        metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, samples=len(encoded), total_steps=total,
-                    pooling=pooling, parallel=mode, trainable_params=n_train, params=n_all)
+    start, metrics = parallel.resume_run(cfg, mode, model, opt, sched, d, total, samples=len(encoded), pooling=pooling)
 
     saves = SaveSchedule(cfg.save_every, cfg.save_minutes, d)
     bar = tqdm(total=total, initial=start, desc="rm", disable=not (cfg.progress and d.main), dynamic_ncols=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -31,12 +30,10 @@ from steer_train.loop import (
     barrier,
     cosine_factor,
     epoch_order,
-    init_dist,
     on_gpu_unless_set,
-    seed_all,
 )
-from steer_train.lora import apply_lora, lora_settings, merge, save_adapter, trainable_count
-from steer_train.metrics import Metrics, plot_losses
+from steer_train.lora import apply_lora, lora_settings, merge, save_adapter
+from steer_train.metrics import plot_losses
 from steer_train.models import base_spec, save_generator
 from steerlm.template import PromptTemplate, Segment, Turn
 from steerlm.tokenize import encode_segments
@@ -191,12 +188,8 @@ def train(cfg: SFTConfig) -> Path:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    if cfg.merge and not cfg.lora:
-        raise ValueError("--merge folds a LoRA adapter into the base; it needs --lora")
-    d = init_dist(cfg.device)
-    mode = parallel.resolve(cfg.parallel, d)
+    d, mode = parallel.start(cfg)
     out = Path(cfg.out)
-    seed_all(cfg.seed)
     model, hf_tok, spec = load_base(cfg, d)
     tok = hf_tok.backend_tokenizer
     pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
@@ -253,15 +246,7 @@ def train(cfg: SFTConfig) -> Path:
     warmup = min(cfg.warmup, total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total, warmup, cfg.min_lr_ratio))
 
-    resumed = parallel.resume(out, mode, model, opt, sched, d)
-    start = resumed or 0
-    if resumed is not None and d.main:
-        print(f"resuming from {out}/checkpoints at step {start}")
-    metrics = Metrics(out / "metrics.jsonl", d.main, resumed)
-    if d.main and resumed is None:
-        n_train, n_all = trainable_count(model)
-        metrics.log(event="start", step=0, config=asdict(cfg), world=d.world, blocks=len(blocks), total_steps=total,
-                    parallel=mode, trainable_params=n_train, params=n_all)
+    start, metrics = parallel.resume_run(cfg, mode, model, opt, sched, d, total, blocks=len(blocks))
 
     saves = SaveSchedule(cfg.save_every, cfg.save_minutes, d)
     order, order_epoch = [], -1

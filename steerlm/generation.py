@@ -191,7 +191,7 @@ class Engine:
 
     def _fail_all(self, msg: str) -> None:
         for seq in self._rows:
-            _fail(seq.req, msg)
+            seq.req.report_failure(msg)
         self._rows, self._cache, self._pads = [], [], []
 
     def _drop_cancelled(self) -> None:
@@ -204,7 +204,7 @@ class Engine:
             return
         problem = req.params.problem()
         if problem:
-            _fail(req, problem)
+            req.report_failure(problem)
             return
         try:
             if not req.prompt_ids:
@@ -221,7 +221,7 @@ class Engine:
                 self._join(seq, cache)
         except Exception as exc:
             log.exception("prefill failed")
-            _fail(req, str(exc))
+            req.report_failure(str(exc))
 
     def _progress(self) -> None:
         self.steps += 1
@@ -237,30 +237,16 @@ class Engine:
         try:
             token = sample(seq.adjust(logits), params, seq.gen)
         except Exception as exc:
-            _fail(req, f"sampling failed: {exc}")
+            req.report_failure(f"sampling failed: {exc}")
             return False
         self.tokens += 1
         if token == params.end_id:
-            self._deliver(seq, [], final=True)
+            req.deliver(seq.tokens, [], final=True)
             return False
         seq.tokens.append(token)
         final = len(seq.tokens) >= params.max_tokens or seq.stopped()
-        self._deliver(seq, [token], final)
+        req.deliver(seq.tokens, [token], final)
         return not final
-
-    def _deliver(self, seq: _Seq, new: list[int], final: bool) -> None:
-        req = seq.req
-        try:
-            if req.stream:
-                if new:
-                    req.emit(new, False)
-                if final:
-                    # The C++ backend also ends a stream with a response of its own.
-                    req.emit([], True)
-            elif final:
-                req.emit(list(seq.tokens), True)
-        except Exception:
-            log.exception("could not deliver tokens")
 
     # -- batched KV cache -----------------------------------------------------------------------------------
     def _join(self, seq: _Seq, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -327,10 +313,3 @@ def _is_cancelled(req: GenerationRequest) -> bool:
         log.exception("cancelled() failed; dropping the request")
         return True
 
-
-def _fail(req: GenerationRequest, msg: str) -> None:
-    if req.fail is not None:
-        try:
-            req.fail(msg)
-        except Exception:
-            log.exception("could not report a failure")

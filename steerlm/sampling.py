@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,3 +66,26 @@ class GenerationRequest:
     stream: bool = False
     fail: Callable[[str], None] | None = None
     cancelled: Callable[[], bool] | None = None
+
+    def deliver(self, tokens: list[int], new: list[int], final: bool) -> None:
+        """Hand the caller `new` tokens (streaming) or all `tokens` once final; a failing callback is logged, since
+        one broken client must not stop an engine serving the others."""
+        try:
+            if self.stream:
+                if new:
+                    self.emit(new, False)
+                if final:
+                    # The C++ backend also ends a stream with a response of its own.
+                    self.emit([], True)
+            elif final:
+                self.emit(list(tokens), True)
+        except Exception:
+            log.exception("could not deliver tokens")
+
+    def report_failure(self, msg: str) -> None:
+        """End the request with `msg` through its `fail` callback, if it has one (a failing callback is logged)."""
+        if self.fail is not None:
+            try:
+                self.fail(msg)
+            except Exception:
+                log.exception("could not report a failure")

@@ -28,7 +28,7 @@ import click
 from steerlm.convert.calibrate import CalibratorUnavailable, calibrate
 from steerlm.convert.hf_checkpoint import copy_sidecars, write_hf_checkpoint
 from steerlm.convert.legacy import convert
-from steerlm.convert.llmapi import LEGACY_VERSION, OPTIONS_FILE, RECORD_FILE, record, write_llmapi_files
+from steerlm.convert.llmapi import ENGINE_INFO_FILE, LEGACY_VERSION, OPTIONS_FILE, record, write_llmapi_files
 from steerlm.convert.plan import DTYPES, GPUS, MemoryPlan, check_fp8, plan, refusal
 from steerlm.convert.trtllm_ckpt import FormatError
 from steerlm.convert.verify import verify
@@ -146,7 +146,7 @@ def build_legacy(model_dir: Path, out: Path, p: MemoryPlan, calibrator: str, max
     """Today's streaming TP conversion, verification and trtllm-build; returns the exit status."""
     checkpoint_dir, engine_dir = out / "checkpoint", out / "engine"
     # A record or engine left by an earlier run must not vouch for what this run builds.
-    (out / RECORD_FILE).unlink(missing_ok=True)
+    (out / ENGINE_INFO_FILE).unlink(missing_ok=True)
     shutil.rmtree(engine_dir, ignore_errors=True)
     stats = None
     if p.dtype == "fp8":
@@ -175,7 +175,7 @@ def build_legacy(model_dir: Path, out: Path, p: MemoryPlan, calibrator: str, max
         return EXIT_VERIFY_FAILED
     copy_sidecars(checkpoint_dir, engine_dir)
     # An engine runs only on the TensorRT-LLM release that built it.
-    write_json(out / RECORD_FILE, record(p, "legacy-engine", f"=={tensorrt_llm_version()}"))
+    write_json(out / ENGINE_INFO_FILE, record(p, "legacy-engine", f"=={tensorrt_llm_version()}"))
     echo(f"engine ready: {engine_dir}\nserve it with:\n    " + serve_command(out, p.tp_size))
     return 0
 
@@ -235,6 +235,6 @@ def main(model_dir, tp_size, dtype, gpu, output_dir, engine_kind, plan_only, cal
     except VerificationFailed as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_VERIFY_FAILED)
-    click.echo(f"\nready: {out} (TP {p.tp_size}, {p.dtype}, {p.gpu}; {OPTIONS_FILE}, {RECORD_FILE})")
+    click.echo(f"\nready: {out} (TP {p.tp_size}, {p.dtype}, {p.gpu}; {OPTIONS_FILE}, {ENGINE_INFO_FILE})")
     click.echo("serve it with:\n    " + serve_command(out, p.tp_size))
     click.echo("or with TensorRT-LLM's own server:\n    " + trtllm_serve_command(out, p.tp_size))

@@ -17,9 +17,8 @@ import yaml
 
 from steerlm.convert.plan import GPUS, MemoryPlan
 from steerlm.files import write_atomic, write_json
+from steerlm.serve.llmapi import ENGINE_INFO_FILE, OPTIONS_FILE  # the reader owns the names
 
-OPTIONS_FILE = "extra_llm_api_options.yaml"
-RECORD_FILE = "steerlm_engine.json"
 # HF checkpoints (and ModelOpt FP8 ones) load directly through the PyTorch backend from 1.0 on.
 LLMAPI_VERSION = ">=1.0"
 # The TensorRT engine backend and trtllm-build were removed in 1.3.
@@ -58,4 +57,4 @@ def record(p: MemoryPlan, fmt: str, tensorrt_llm: str) -> dict:
 
 def write_llmapi_files(out: Path, p: MemoryPlan) -> None:
     write_atomic(out / OPTIONS_FILE, yaml.safe_dump(llm_api_options(p), sort_keys=False))
-    write_json(out / RECORD_FILE, record(p, "llmapi", LLMAPI_VERSION))
+    write_json(out / ENGINE_INFO_FILE, record(p, "llmapi", LLMAPI_VERSION))

@@ -240,7 +240,7 @@ class LLMAPIEngine:
                                              streaming=True)
         except Exception as exc:
             log.warning("request refused: %s", exc)
-            _fail(req, str(exc))
+            req.report_failure(str(exc))
             return
         task = asyncio.current_task()
         if req.cancelled is not None:
@@ -250,10 +250,10 @@ class LLMAPIEngine:
         except asyncio.CancelledError:
             if task not in self._aborted:  # close(), not the client: end the request with an error
                 _abort(result)
-                _fail(req, "server is shutting down")
+                req.report_failure("server is shutting down")
         except Exception as exc:
             log.warning("generation failed: %s", exc)
-            _fail(req, f"generation failed: {exc}")
+            req.report_failure(f"generation failed: {exc}")
         finally:
             self._watched.pop(task, None)
             self._aborted.discard(task)
@@ -274,7 +274,7 @@ class LLMAPIEngine:
                 _abort(result)  # the LLM API ends on stop strings only: end the sequence here
             tokens.extend(new)
             self.tokens += len(new)
-            self._deliver(req, tokens, new, finished)
+            req.deliver(tokens, new, finished)
             if finished:
                 return
         raise RuntimeError("TensorRT-LLM ended the request without a final response")
@@ -295,33 +295,12 @@ class LLMAPIEngine:
                     _abort(result)
                     task.cancel()
 
-    @staticmethod
-    def _deliver(req: GenerationRequest, tokens: list[int], new: list[int], final: bool) -> None:
-        try:
-            if req.stream:
-                if new:
-                    req.emit(new, False)
-                if final:
-                    req.emit([], True)
-            elif final:
-                req.emit(list(tokens), True)
-        except Exception:
-            log.exception("could not deliver tokens")
-
 
 def _abort(result: Any) -> None:
     try:
         result.abort()
     except Exception:
         log.exception("abort failed")
-
-
-def _fail(req: GenerationRequest, msg: str) -> None:
-    if req.fail is not None:
-        try:
-            req.fail(msg)
-        except Exception:
-            log.exception("could not report a failure")
 
 
 # -- loading ------------------------------------------------------------------------------------------------

@@ -115,31 +115,6 @@ def _number(name: str, value: Any, kind: type) -> Any:
     return float(value)
 
 
-def word_list(words: Sequence[Sequence[int]]) -> np.ndarray:
-    """TensorRT-LLM word list, INT32 [2, n]: row 0 the ids of all words concatenated, row 1 each word's
-    cumulative end offset; row 0 is padded with 0 and row 1 with -1 (an empty list is [[0], [-1]])."""
-    ids = [int(t) for w in words for t in w]
-    offsets = list(np.cumsum([len(w) for w in words]).tolist()) if words else []
-    width = max(1, len(ids))
-    out = np.zeros((2, width), dtype=np.int32)
-    out[0, : len(ids)] = ids
-    out[1, :] = -1
-    out[1, : len(offsets)] = offsets
-    return out
-
-
-def parse_word_list(arr: np.ndarray) -> list[list[int]]:
-    """Inverse of `word_list`."""
-    arr = np.asarray(arr).reshape(2, -1)
-    words, start = [], 0
-    for end in arr[1]:
-        if end < 0:
-            break
-        words.append([int(t) for t in arr[0, start:end]])
-        start = int(end)
-    return words
-
-
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 

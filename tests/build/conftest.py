@@ -43,3 +43,23 @@ def fp8_stats(gqa_model):
     from steerlm.convert.calibrate import calibrate
 
     return calibrate(gqa_model)
+
+
+@pytest.fixture
+def interrupt_nth_write(monkeypatch):
+    """Call it with n: the n-th tensor any converter streams to disk raises KeyboardInterrupt (a Ctrl-C mid-write)."""
+    from steerlm.convert.stream import StreamingWriter
+
+    def arm(n: int) -> None:
+        calls = {"n": 0}
+        real_write = StreamingWriter.write
+
+        def write_then_die(self, name, tensor):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            real_write(self, name, tensor)
+
+        monkeypatch.setattr(StreamingWriter, "write", write_then_die)
+
+    return arm

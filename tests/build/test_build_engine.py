@@ -134,17 +134,8 @@ def test_kv_head_count_decides_the_allowed_tp_sizes():
         check_tp(dims, 2)
 
 
-def test_interrupted_conversion_leaves_nothing_that_looks_valid(gqa_model, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real_write = hf_checkpoint.StreamingWriter.write
-
-    def write_then_die(self, name, tensor):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        real_write(self, name, tensor)
-
-    monkeypatch.setattr(hf_checkpoint.StreamingWriter, "write", write_then_die)
+def test_interrupted_conversion_leaves_nothing_that_looks_valid(gqa_model, tmp_path, interrupt_nth_write):
+    interrupt_nth_write(9)
     result = run(["--model_dir", gqa_model, "--tp_size", 2, "--dtype", "fp8", "--output_dir", tmp_path / "out"])
     assert isinstance(result.exception, KeyboardInterrupt) or result.exit_code != 0
     assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from steerlm.convert import legacy
 from steerlm.convert.legacy import convert
 from steerlm.convert.trtllm_ckpt import FormatError
 from steerlm.convert.verify import TOLERANCES, verify
@@ -136,17 +135,8 @@ def test_sharded_hf_checkpoint_converts_like_a_single_file(gqa_model, tmp_path):
     assert (a / "rank1.safetensors").read_bytes() == (b / "rank1.safetensors").read_bytes()
 
 
-def test_interrupted_conversion_leaves_nothing_that_looks_like_a_checkpoint(gqa_model, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real_write = legacy.StreamingWriter.write
-
-    def write_then_die(self, name, tensor):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        real_write(self, name, tensor)
-
-    monkeypatch.setattr(legacy.StreamingWriter, "write", write_then_die)
+def test_interrupted_conversion_leaves_nothing_that_looks_like_a_checkpoint(gqa_model, tmp_path, interrupt_nth_write):
+    interrupt_nth_write(7)
     with pytest.raises(KeyboardInterrupt):
         convert(gqa_model, tmp_path / "ckpt", 2, "float16", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from steerlm.serve import llmapi
 from steerlm.serve.engines import ENGINES, create_engine
 from steerlm.serve.launch import trtllm_command
+from tests.serving import llmapi_facade
 
 no_trtllm = pytest.mark.skipif(llmapi.installed_version() is not None, reason="TensorRT-LLM is installed here")
 
@@ -127,12 +129,12 @@ def install_fake_tensorrt_llm(site: Path) -> None:
     """A `tensorrt_llm` whose LLM and SamplingParams are the CPU facade's (llmapi_facade.py), so a rendered trtllm
     repository runs in a real tritonserver here, through the same loader and engine. Its LLM records the keyword
     arguments it was created with in llm_args.json."""
-    root = Path(__file__).resolve().parents[2]
     (site / "tensorrt_llm").mkdir(parents=True)
+    # The facade goes inside the fake package: the backend's interpreter has steerlm but not this test tree.
+    shutil.copyfile(Path(llmapi_facade.__file__), site / "tensorrt_llm" / "llmapi_facade.py")
     (site / "tensorrt_llm" / "__init__.py").write_text(
-        "import json, pathlib, sys\n"
-        f"sys.path.insert(0, {str(root)!r})\n"
-        "from tests.serving import llmapi_facade\n"
+        "import json, pathlib\n"
+        "from tensorrt_llm import llmapi_facade\n"
         "SamplingParams = llmapi_facade.SamplingParams\n"
         "class LLM(llmapi_facade.LLM):\n"
         "    def __init__(self, **kwargs):\n"
@@ -150,7 +152,7 @@ def test_rendered_trtllm_repository_serves_through_the_llmapi_engine(tmp_path, t
 
     repo = render_repository(tmp_path / "repo", tiny_model, backend="trtllm", max_batch_size=4,
                              engine_options={"tensor_parallel_size": 1})
-    # The python backend puts a model's version directory on sys.path: the generator finds this one there.
+    # The python backend puts a model's version directory on its import path: the generator finds this one there.
     site = repo / "generator" / "1"
     install_fake_tensorrt_llm(site)
     question = "Where and when did techno music originate?"

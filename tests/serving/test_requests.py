@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
-from steerlm.serve.requests import RequestBuilder, RequestError, parse_word_list, word_list
+from steerlm.serve.requests import RequestBuilder, RequestError
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions.")
@@ -16,18 +15,6 @@ SYSTEM = ("A chat between a curious user and an artificial intelligence assistan
 @pytest.fixture(scope="module")
 def builder(tiny_model):
     return RequestBuilder(tiny_model)
-
-
-def test_word_list_has_the_tensorrt_llm_layout():
-    arr = word_list([[5, 6], [7], [8, 9, 10]])
-    assert arr.dtype == np.int32
-    assert arr.tolist() == [[5, 6, 7, 8, 9, 10], [2, 3, 6, -1, -1, -1]]
-    assert parse_word_list(arr) == [[5, 6], [7], [8, 9, 10]]
-
-
-def test_empty_word_list_is_one_padded_column():
-    assert word_list([]).tolist() == [[0], [-1]]
-    assert parse_word_list(word_list([])) == []
 
 
 def test_user_text_never_becomes_control_tokens(builder):

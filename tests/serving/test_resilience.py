@@ -13,6 +13,7 @@ import pytest
 
 from steerlm_client import SteerClient, SteerError
 from steerlm_client.load import run_load
+from tests.serving.grpc_stream import stream_infer
 
 QUESTION = "Where and when did techno music originate?"
 LONG = 800  # tokens a cancelled request would otherwise generate (the tiny model's context is 1024)
@@ -90,20 +91,10 @@ def test_an_oversize_input_is_refused_while_another_request_is_answered(server):
 
 
 def test_the_generator_refuses_requests_that_did_not_come_through_the_ensemble(server):
-    import tritonclient.grpc as grpcclient
-
-    errors = []
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=lambda result, error: errors.append(error))
-    tensors = []
-    for name, value in (("REQUEST", b'{"input_ids": [1, 2, 3]}'), ("SIGNATURE", b"0" * 64)):
-        t = grpcclient.InferInput(name, [1, 1], "BYTES")
-        t.set_data_from_numpy(np.array([[value]], dtype=np.object_))
-        tensors.append(t)
-    client.async_stream_infer("generator", tensors)
-    client.stop_stream()
-    client.close()
-    assert errors and "takes requests from the steerlm ensemble only" in str(errors[0])
+    inputs = {"REQUEST": np.array([[b'{"input_ids": [1, 2, 3]}']], dtype=np.object_),
+              "SIGNATURE": np.array([[b"0" * 64]], dtype=np.object_)}
+    results = stream_infer(server.grpc_url, "generator", inputs)
+    assert results and "takes requests from the steerlm ensemble only" in str(results[0][1])
 
 
 # tensorrtllm_backend inflight_batcher_llm/client/end_to_end_grpc_client.py (commit c2e65b88d852), prepare_inputs
@@ -122,20 +113,7 @@ def upstream_inputs(prompt: str, output_len: int, streaming: bool) -> dict[str, 
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_upstream_end_to_end_grpc_client_tensors_are_answered_by_ensemble(server, streaming):
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
-    tensors = []
-    for name, arr in upstream_inputs(QUESTION, 16, streaming).items():
-        t = grpcclient.InferInput(name, arr.shape, np_to_triton_dtype(arr.dtype))
-        t.set_data_from_numpy(arr)
-        tensors.append(t)
-    results = []
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=lambda result, error: results.append((result, error)))
-    client.async_stream_infer("ensemble", tensors, outputs=[grpcclient.InferRequestedOutput("text_output")])
-    client.stop_stream()
-    client.close()
+    results = stream_infer(server.grpc_url, "ensemble", upstream_inputs(QUESTION, 16, streaming), ["text_output"])
     assert all(e is None for _, e in results), results
     text = "".join(r.as_numpy("text_output").reshape(-1)[0].decode() for r, _ in results)
     whole = SteerClient(server.grpc_url).complete(QUESTION, max_tokens=16)
@@ -148,46 +126,19 @@ def test_upstream_end_to_end_grpc_client_tensors_are_answered_by_ensemble(server
     (dict(num_return_sequences=2), "num_return_sequences: only 1 is supported"),
 ])
 def test_values_the_server_cannot_honour_are_refused_by_name(server, inputs, message):
-    import tritonclient.grpc as grpcclient
-
-    errors = []
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=lambda result, error: errors.append(error))
     arrays = upstream_inputs(QUESTION, 4, False) | {k: np.array([[v]], dtype=np.int32) for k, v in inputs.items()}
-    tensors = []
-    for name, arr in arrays.items():
-        from tritonclient.utils import np_to_triton_dtype
-
-        t = grpcclient.InferInput(name, arr.shape, np_to_triton_dtype(arr.dtype))
-        t.set_data_from_numpy(arr)
-        tensors.append(t)
-    client.async_stream_infer("ensemble", tensors)
-    client.stop_stream()
-    client.close()
-    assert errors and message in str(errors[0])
+    results = stream_infer(server.grpc_url, "ensemble", arrays)
+    assert results and message in str(results[0][1])
 
 
 def test_genai_perf_tensorrtllm_payload_is_answered_with_its_exact_length(server):
     """genai-perf's tensorrtllm converter (perf_analyzer genai-perf/genai_perf/inputs/converters/
     tensorrtllm_converter.py, commit ceccbfa04026) with --output-tokens-mean-deterministic sends text_input,
     max_tokens, stream and min_length = max_tokens, and counts the tokens it gets back."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
     payload = {"text_input": np.array([[QUESTION]], dtype=object), "max_tokens": np.array([[24]], dtype=np.int32),
                "stream": np.array([[True]]), "min_length": np.array([[24]], dtype=np.int32),
                "return_num_output_tokens": np.array([[True]])}
-    tensors = []
-    for name, arr in payload.items():
-        t = grpcclient.InferInput(name, arr.shape, np_to_triton_dtype(arr.dtype))
-        t.set_data_from_numpy(arr)
-        tensors.append(t)
-    results = []
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=lambda result, error: results.append((result, error)))
-    client.async_stream_infer("ensemble", tensors)
-    client.stop_stream()
-    client.close()
+    results = stream_infer(server.grpc_url, "ensemble", payload)
     assert all(e is None for _, e in results), results
     counts = [r.as_numpy("num_output_tokens") for r, _ in results if r.as_numpy("num_output_tokens") is not None]
     assert [int(c.reshape(-1)[0]) for c in counts] == [24]

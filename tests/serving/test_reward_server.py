@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
 from steerlm.serve import TritonServer
 from steerlm_client import SteerClient, SteerError
+from tests.checkpoints import random_reward_model
 
 CONVERSATION = [{"question": "Where did techno originate?", "answer": "In Detroit, in the 1980s."},
                 {"question": "Who started it?", "answer": "The Belleville Three."}]
@@ -17,19 +16,7 @@ CONVERSATION = [{"question": "Where did techno originate?", "answer": "In Detroi
 @pytest.fixture(scope="module")
 def reward_model(tiny_model, tmp_path_factory):
     """A reward checkpoint in the contract format: tiny random backbone + a random linear head."""
-    from safetensors.numpy import save_file
-
-    from steerlm.spec import SteerSpec, load_spec, save_spec
-
-    out = tmp_path_factory.mktemp("rm") / "reward"
-    shutil.copytree(tiny_model, out)
-    spec = load_spec(tiny_model)
-    rng = np.random.default_rng(0)
-    hidden = 64
-    save_file({"weight": rng.normal(0, 2, (len(spec.schema), hidden)).astype(np.float32),
-               "bias": rng.normal(2, 1, len(spec.schema)).astype(np.float32)}, str(out / "reward_head.safetensors"))
-    save_spec(out, SteerSpec(spec.schema, spec.template, "reward_model", {"pooling": "last"}))
-    return out
+    return random_reward_model(tiny_model, tmp_path_factory.mktemp("rm") / "reward", {"pooling": "last"})
 
 
 @pytest.fixture(scope="module")

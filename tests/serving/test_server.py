@@ -10,6 +10,7 @@ import pytest
 
 from steerlm.tokenize import load_tokenizer
 from steerlm_client import SteerClient, SteerError
+from tests.serving.grpc_stream import stream_infer
 
 QUESTION = "Where and when did techno music originate?"
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -158,22 +159,9 @@ def test_stock_tensorrtllm_backend_clients_work_over_http_generate(server):
 
 def grpc_error(server, **inputs) -> str:
     """The error of one request sent with exactly these numpy inputs (each [1, n])."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
-    errors = []
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=lambda result, error: errors.append(error))
-    tensors = []
-    for name, arr in inputs.items():
-        t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-        t.set_data_from_numpy(arr)
-        tensors.append(t)
-    client.async_stream_infer("steerlm", tensors)
-    client.stop_stream()
-    client.close()
-    assert errors and errors[0] is not None, "the request was accepted"
-    return str(errors[0])
+    results = stream_infer(server.grpc_url, "steerlm", inputs)
+    assert results and results[0][1] is not None, "the request was accepted"
+    return str(results[0][1])
 
 
 def _b(text: bytes):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import steer_train.checkpoint as checkpoint
 import steer_train.rm as rm
 from steer_train.checkpoint import load_latest, load_state, rng_state, save_checkpoint
+from tests.train.runs import losses, train_until_crash
 
 
 def sample_state() -> dict:
@@ -76,23 +77,8 @@ def test_rm_with_default_settings_checkpoints_by_time_and_resumes_exactly(tiny_m
     monkeypatch.setattr(checkpoint, "_now", lambda: next(clock))
     straight = rm.train(config("straight"))
     assert [p.name for p in checkpoint.checkpoints(straight)] == ["step-0000003", "step-0000004"]
-    original = checkpoint.save_checkpoint
-
-    def save_then_crash(out, step, state, keep):
-        path = original(out, step, state, keep)
-        if step == 2:
-            raise KeyboardInterrupt("killed right after the step-2 checkpoint")
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        rm.train(config("resumed"))
-    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
+    train_until_crash(monkeypatch, rm.train, config("resumed"), step=2)
     resumed = rm.train(config("resumed"))
-
-    def losses(out):
-        return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
     assert len(losses(resumed)) == 4 and losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
     a, b = load_file(str(straight / "reward_head.safetensors")), load_file(str(resumed / "reward_head.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

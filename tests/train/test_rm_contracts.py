@@ -12,17 +12,16 @@ Upstream facts pinned here (NVIDIA/NeMo-Aligner, commit af2b3bd9):
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
 from steerlm.reward import load_reward_model, nemo_rm_text, pad_batch, parse_attribute_weights, parse_nemo_rm_text
 from steerlm.serve import TritonServer
-from steerlm.spec import SteerSpec, load_spec, save_spec
+from steerlm.spec import load_spec
 from steerlm.template import Turn
 from steerlm_client import SteerClient
+from tests.checkpoints import random_reward_model
 from tests.train.traindata import write_conversations
 
 TURNS = [Turn("Where did techno originate?", "In Detroit, in the 1980s."), Turn("Who started it?", "The Belleville Three.")]
@@ -33,17 +32,9 @@ WEIGHTS = "helpfulness=0.65,correctness=0.8,coherence=0.45,complexity=0.55,verbo
 @pytest.fixture(scope="module")
 def weighted_rm(tiny_model, tmp_path_factory):
     """A reward checkpoint (tiny backbone, random head) with attribute weights, as `rm --attribute-weights` writes."""
-    from safetensors.numpy import save_file
-
-    out = tmp_path_factory.mktemp("rm") / "reward"
-    shutil.copytree(tiny_model, out)
-    spec = load_spec(tiny_model)
-    rng = np.random.default_rng(0)
-    save_file({"weight": rng.normal(0, 2, (len(spec.schema), 64)).astype(np.float32),
-               "bias": rng.normal(2, 1, len(spec.schema)).astype(np.float32)}, str(out / "reward_head.safetensors"))
-    extra = {"pooling": "last", "max_length": 48, "attribute_weights": parse_attribute_weights(WEIGHTS, spec.schema)}
-    save_spec(out, SteerSpec(spec.schema, spec.template, "reward_model", extra))
-    return out
+    weights = parse_attribute_weights(WEIGHTS, load_spec(tiny_model).schema)
+    extra = {"pooling": "last", "max_length": 48, "attribute_weights": weights}
+    return random_reward_model(tiny_model, tmp_path_factory.mktemp("rm") / "reward", extra)
 
 
 @pytest.fixture(scope="module")

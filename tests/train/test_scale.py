@@ -18,15 +18,12 @@ from safetensors.torch import load_file
 from steer_train.config import SFTConfig
 from steer_train.sft import train
 from steerlm.schema import HELPSTEER
+from tests.train.runs import losses
 from tests.train.traindata import steer_rows, write_conversations
 
 STEPS = 20
 SFT_ARGS = ["--seq-len", "192", "--micro-batch", "1", "--lr", "3e-3", "--max-steps", str(STEPS), "--warmup", "2",
             "--no-progress", "--device", "cpu"]
-
-
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def max_weight_diff(a: Path, b: Path) -> float:

@@ -6,13 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import steer_train.checkpoint as checkpoint
 import steer_train.sft as sft
 from steer_train.data import Conversation
 from steer_train.sample import generate
@@ -20,6 +18,7 @@ from steerlm.schema import HELPSTEER
 from steerlm.spec import load_spec
 from steerlm.template import DEFAULT_SYSTEM, Turn
 from steerlm.tokenize import load_tokenizer
+from tests.train.runs import losses, train_until_crash
 from tests.train.traindata import steer_rows, write_conversations
 
 
@@ -106,26 +105,11 @@ def small_config(tiny_model, tmp_path, name, **kw) -> sft.SFTConfig:
     return sft.SFTConfig(**(base | kw))
 
 
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
 def test_resume_after_crash_matches_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
     straight = sft.train(small_config(tiny_model, tmp_path, "straight", save_every=3))
-    original = checkpoint.save_checkpoint
-
-    def save_then_crash(out, step, state, keep):
-        path = original(out, step, state, keep)
-        if step == 3:
-            raise KeyboardInterrupt("killed right after the step-3 checkpoint")
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     cfg = small_config(tiny_model, tmp_path, "resumed", save_every=3)
-    with pytest.raises(KeyboardInterrupt):
-        sft.train(cfg)
+    train_until_crash(monkeypatch, sft.train, cfg, step=3)
     assert not (tmp_path / "resumed" / "steerlm.json").exists()
-    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
     resumed = sft.train(cfg)
     assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
