@@ -229,7 +229,7 @@ def api_cases() -> list[Case]:
         a("wrong JSON type: max_tokens \"8\"", "max_tokens", chat | {"max_tokens": "eight"}),
         a("invalid UTF-8: content", "messages", chat_raw.replace(H.encode(), b"caf\xff")),
         a("lone surrogate: content", "messages[0].content", chat_raw.replace(H.encode(), b"a \\ud800")),
-        a("oversize: content 300 KB", "messages", chat | {"messages": [{"role": "user", "content": OVERSIZE}]}),
+        a("oversize: content 300 KB", "prompt", chat | {"messages": [{"role": "user", "content": OVERSIZE}]}),
         a("malformed history: two user messages in a row", "messages[1]",
           chat | {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
         a("malformed history: last message from assistant", "messages[0]",
