@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def kill_conversion_mid_write(model: Path, work: Path, attempts: int = 5) -> Fau
         if hit and not out.exists():
             injected = True
             break
-        subprocess.run(["rm", "-rf", str(out)], check=True)
+        shutil.rmtree(out, ignore_errors=True)
     left_by_kill = [p.name for p in work.glob(f".{out.name}.*")]
     rerun = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     partials = [p.name for p in work.glob(f".{out.name}.*")]
