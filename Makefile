@@ -40,7 +40,7 @@ help:
 	@echo "make lint                  ruff (rules in pyproject.toml)"
 	@echo "make tiny                  write a tiny random SteerLM checkpoint to runs/tiny"
 	@echo "make serve MODEL=DIR [RM=DIR] [BACKEND=cpu|torch|trtllm DEVICE=cuda ENGINE_DIR=DIR TP=N] [HTTP_PORT= GRPC_PORT= METRICS_PORT= API_PORT=] [TRITON_MODEL_NAME=NAME]"
-	@echo "make soak [SOAK_REQUESTS=5000]   serving: long mixed load (0 lost) and client cancellation, measured"
+	@echo "make soak [SOAK_REQUESTS=5000]   serving load + cancellation; bad inputs, injections, faults (counts)"
 	@echo "make engine MODEL=DIR TP=N DTYPE=bfloat16|float16|fp8 GPU=a100-40|a100-80|h100|h200 [OUT=DIR] [PLAN=1] [ENGINE=legacy] [MAX_BATCH=N]"
 	@echo "make eval MODEL=DIR RM=DIR"
 	@echo "make prepare DATA_IN='a.csv b.jsonl' [DATA_DIR=runs/data]   public data -> conversation JSONL + split"
@@ -71,6 +71,7 @@ lint: $(STAMP)
 
 soak: $(STAMP)
 	SOAK_REQUESTS=$(SOAK_REQUESTS) $(PY) -m pytest -q -s tests/serving/soak_load.py
+	$(PY) -m pytest -q -s tests/soak/soak_all.py
 
 tiny: $(STAMP)
 	$(PY) -m steer_train init-tiny --out runs/tiny
