@@ -102,6 +102,16 @@ def decode_text(name: str, value: Any, limit: int) -> str:
                            "lone surrogates are not text either)") from None
 
 
+def _check_unicode(name: str, text: str | None) -> None:
+    """Callers that hand str (not bytes) in, such as the HTTP API, can carry a lone UTF-16 surrogate, which no
+    tokenizer takes: refuse it naming the input, as `decode_text` does for bytes."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(f"{name} is not valid text: a lone UTF-16 surrogate at character {exc.start}") from None
+
+
 def _number(name: str, value: Any, kind: type) -> Any:
     """A scalar input as int or float (ranges, and NaN/inf, are `SamplingParams.problem`'s to refuse)."""
     if isinstance(value, np.generic):
@@ -188,6 +198,10 @@ class RequestBuilder:
         `flags`: stream, exclude_input_in_output, return_num_input_tokens, return_num_output_tokens."""
         if not isinstance(question, str) or not question.strip():
             raise RequestError("text_input must be a non-empty question")
+        for name, texts in (("text_input", [question]), ("system", [system]), ("attributes", [attributes]),
+                            ("history", [history]), ("stop_words", stop_words), ("bad_words", bad_words)):
+            for text in texts:
+                _check_unicode(name, text)
         if isinstance(max_tokens, np.generic):
             max_tokens = max_tokens.item()
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:

@@ -174,6 +174,17 @@ def test_each_refused_request_gets_openais_error_object_naming_the_field(openai_
     assert param.split("[")[0] in err.value.message or status == 404
 
 
+@pytest.mark.parametrize("raw, says", [
+    (b'{"model": "steerlm", "messages": [{"role": "user", "content": "caf\xff"}]}', "not valid UTF-8"),
+    (b'{"model": "steerlm", "messages": [{"role": "user", "content": "a \\ud800"}]}', "lone UTF-16 surrogate"),
+])
+def test_a_body_that_cannot_be_decoded_is_refused_naming_the_field(api, raw, says):
+    reply = httpx2.post(f"{api.base_url}/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["param"].startswith("messages") and says in error["message"]
+
+
 def test_attribute_errors_carry_the_ensembles_message(openai_client, ensemble):
     with pytest.raises(SteerError) as from_triton:
         ensemble.generate(QUESTION, attributes="verbosity:7", max_tokens=4)
