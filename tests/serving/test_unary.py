@@ -132,6 +132,22 @@ def test_the_70b_cards_nemoquery_request_gets_the_ensembles_greedy_answer(server
     assert sentences.shape == (1, 1) and sentences[0, 0] == ensemble and ensemble
 
 
+def test_pytritons_model_client_as_nemoquery_calls_it_gets_the_ensembles_answer(server):
+    """NemoQueryLLM.query_llm sends its tensors with pytriton's `ModelClient(url, model_name).infer_batch(**inputs)`
+    (NVIDIA/NeMo nemo/deploy/query_llm.py, commit ef938b2e68e8): the same client (nvidia-pytriton, installed here
+    for its tritonserver), the same call, the same dtypes (str_list2numpy, np.full of np.int_ / np.single)."""
+    from pytriton.client import ModelClient
+
+    prompts = np.char.encode(np.array([CARD_PROMPT.format(prompt=QUESTION)])[..., np.newaxis], "utf-8")
+    inputs = {"prompts": prompts, "max_output_token": np.full(prompts.shape, 24, dtype=np.int_),
+              "top_k": np.full(prompts.shape, 1, dtype=np.int_), "top_p": np.full(prompts.shape, 0.0, dtype=np.single),
+              "temperature": np.full(prompts.shape, 1.0, dtype=np.single)}
+    with ModelClient(f"http://{server.http_url}", NEMO_NAME, init_timeout_s=120, inference_timeout_s=300) as client:
+        outputs = client.infer_batch(**inputs)["outputs"]
+    ensemble = SteerClient(server.grpc_url, "grpc").generate(QUESTION, max_tokens=24, top_k=1, attributes=CARD_LABELS)
+    assert np.char.decode(outputs.astype("bytes"), "utf-8")[0, 0] == ensemble and ensemble
+
+
 def test_several_prompts_get_one_answer_each_in_order(server):
     first, second = CARD_PROMPT.format(prompt=QUESTION), CARD_PROMPT.format(prompt="Name a colour.")
     both = nemo_query(server, [first, second], 8)
