@@ -20,17 +20,19 @@ at the end id, and token counts are what was actually streamed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,13 +221,33 @@ def flatness(trace: Trace) -> float:
     return statistics.median(itls[-10:]) / statistics.median(itls[9:19])
 
 
-def openai_status(openai_url: str | None) -> str | None:
-    """None when an OpenAI endpoint will be measured, else why not."""
+@contextmanager
+def openai_api(openai_url: str | None, model_dir: Path, grpc_url: str) -> Iterator[str]:
+    """The OpenAI endpoint to measure: the one given, else `python -m steerlm.api` in its own process (as
+    `make serve` runs it beside Triton), so it does not share this process's interpreter with the load."""
     if openai_url:
-        return None
-    if importlib.util.find_spec("steerlm.api") is None:
-        return "not available in this checkout (steerlm.api, branch api)"
-    return "steerlm.api is here: start it with `make serve` and pass --openai-url"
+        yield openai_url
+        return
+    from steerlm.serve.triton import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "steerlm.api", "--model", str(model_dir), "--triton-grpc", grpc_url,
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the API did not start: {proc.stderr.read().decode()[-2000:]}") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -233,7 +255,7 @@ def openai_status(openai_url: str | None) -> str | None:
 @click.option("--repeats", type=int, default=None, help="Repeats (default 3, 1 with --quick).")
 @click.option("--output-len", "osl", type=int, default=None, help="Generated tokens per request (default 64; 16 quick).")
 @click.option("--long-len", type=int, default=None, help="Tokens of the flatness stream (default 1000; 200 quick).")
-@click.option("--openai-url", default=None, help="An OpenAI-compatible server to measure (e.g. the one `make serve` starts).")
+@click.option("--openai-url", default=None, help="An OpenAI-compatible server to measure (default: `python -m steerlm.api` started here).")
 @click.option("--openai-model", default="steerlm", show_default=True, help="Model name the OpenAI server expects.")
 @click.option("--aiperf/--no-aiperf", "use_aiperf", default=True, show_default=True,
               help="Also measure with aiperf (needs .venv-bench, made by `make bench`).")
@@ -250,14 +272,14 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
     repeats = repeats or (1 if quick else 3)
     osl = osl or (16 if quick else 64)
     long_len = long_len or (200 if quick else 1000)
-    openai_why = openai_status(openai_url)
     aiperf_why = None if AIPERF.exists() else "aiperf is not installed (.venv-bench; `make bench` installs it)"
     if not use_aiperf:
         aiperf_why = "--no-aiperf"
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     try:
         model_dir = init_tiny(work / "model", max_positions=long_len + 512)
-        with TritonServer(model_dir, workdir=work / "triton", timeout=300) as server:
+        with TritonServer(model_dir, workdir=work / "triton", timeout=300) as server, \
+                openai_api(openai_url, model_dir, server.grpc_url) as openai_url:
             client = SteerClient(server.grpc_url, "grpc")
             min_tokens = ensemble_has(server, "min_tokens")
             prompt = client.complete(QUESTION, max_tokens=1).prompt
@@ -275,14 +297,11 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
                         n = max(8 if quick else 16, c)
                         for kind, fn in (("floor", lambda: floor_request(engine, prompt_ids, osl)),
                                          ("triton", lambda: triton_request(client, osl, min_tokens)),
-                                         *((("openai", lambda: openai_request(openai_url, openai_model, osl)),)
-                                           if openai_why is None else ())):
+                                         ("openai", lambda: openai_request(openai_url, openai_model, osl))):
                             for k, v in run_load(fn, n, c).items():
                                 figs[f"{kind}_c{c}_{k}"] = v
                         if aiperf_why is None:
-                            targets = [("aiperf_triton", f"http://{server.http_url}")]
-                            if openai_why is None:
-                                targets.append(("aiperf_openai", openai_url))
+                            targets = [("aiperf_triton", f"http://{server.http_url}"), ("aiperf_openai", openai_url)]
                             for kind, url in targets:
                                 res = aiperf_profile(kind.split("_")[1], url, model_dir, c, n, isl, osl,
                                                      work / f"aiperf-{kind}-{r}-{c}", min_tokens)
@@ -302,7 +321,7 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    kinds = ["triton"] + (["openai"] if openai_why is None else [])
+    kinds = ["triton", "openai"]
     kinds += [k for k in ("aiperf_triton", "aiperf_openai") if f"{k}_c1_ttft_ms" in raw]
     metrics, rows = {}, []
     for c in CONCURRENCY:
@@ -320,8 +339,6 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
             rows.append([kind, c, fmt(summarize(s["ttft_ms"]), 1), fmt(summarize(s["itl_ms"]), 2),
                          fmt(summarize(s["req_s"])), fmt(summarize(s["tok_s"]), 0), fmt(ttft_ratio), fmt(itl_ratio),
                          fmt(extra_ms, 1)])
-        if openai_why:
-            rows.append(["openai", c, openai_why, "", "", "", "", "", ""])
         if aiperf_why:
             rows.append(["aiperf", c, aiperf_why, "", "", "", "", "", ""])
     for kind in ("floor", "triton"):
@@ -343,8 +360,6 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
             "(per-token figures need the ensemble's num_output_tokens, which `serving` adds). "
             f"Target: the serving stack adds < {REQUEST_OVERHEAD_TARGET_MS} ms per request at p50.")
     extra = {"input_len": isl, "output_len": osl, "min_tokens": min_tokens, "long_len": long_len}
-    if openai_why:
-        extra["openai"] = not_available("OpenAI-compatible API", openai_why)
     if aiperf_why:
         extra["aiperf"] = not_available("aiperf", aiperf_why)
     record("serving", command=command_line("bench/serving.py"), info=machine(), metrics=metrics, markdown=md,

@@ -98,14 +98,20 @@ class SteerClient:
         seed: int | None = None,
         stop_words: Sequence[str] | None = None,
         bad_words: Sequence[str] | None = None,
+        min_tokens: int | None = None,
+        repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
     ) -> Completion:
         """The whole answer and the prompt the server rendered for it.
 
         attributes: {"verbosity": 4} or "verbosity:4,creativity:1" (others take the model's defaults);
         history: earlier turns [{"question": ..., "answer": ..., "attributes": ... (optional)}].
-        Sampling follows TensorRT-LLM: greedy unless top_k > 1 or top_p > 0."""
+        Sampling follows TensorRT-LLM: greedy unless top_k > 1 or top_p > 0. min_tokens and the penalties are
+        upstream's ensemble inputs (min_tokens keeps the end id away until that many tokens, e.g. for benchmarks)."""
         fields = self._fields(question, attributes, system, history, max_tokens, temperature, top_k, top_p, seed,
-                              stop_words, bad_words, stream=False)
+                              stop_words, bad_words, min_tokens, repetition_penalty, presence_penalty,
+                              frequency_penalty, stream=False)
         text, prompt = [], ""
         for piece, p in self._send(fields):
             text.append(piece)
@@ -115,7 +121,8 @@ class SteerClient:
     def stream(self, question: str, **kwargs) -> StreamedAnswer:
         """The answer piece by piece as it is generated (same keyword arguments as `complete`)."""
         args = dict(attributes=None, system=None, history=None, max_tokens=256, temperature=None, top_k=None,
-                    top_p=None, seed=None, stop_words=None, bad_words=None)
+                    top_p=None, seed=None, stop_words=None, bad_words=None, min_tokens=None,
+                    repetition_penalty=None, presence_penalty=None, frequency_penalty=None)
         unknown = set(kwargs) - set(args)
         if unknown:
             raise TypeError(f"unknown arguments: {', '.join(sorted(unknown))}")
@@ -125,13 +132,16 @@ class SteerClient:
 
     @staticmethod
     def _fields(question, attributes, system, history, max_tokens, temperature, top_k, top_p, seed, stop_words,
-                bad_words, stream) -> dict[str, Any]:
+                bad_words, min_tokens, repetition_penalty, presence_penalty, frequency_penalty,
+                stream) -> dict[str, Any]:
         fields = {
             "text_input": question, "max_tokens": int(max_tokens), "attributes": labels(attributes),
             "system": system, "history": history_json(history), "stream": stream,
             "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
             "stop_words": list(stop_words) if stop_words else None,
             "bad_words": list(bad_words) if bad_words else None,
+            "min_tokens": min_tokens, "repetition_penalty": repetition_penalty,
+            "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
         }
         return {k: v for k, v in fields.items() if v is not None}
 
@@ -256,7 +266,8 @@ def _turn(turn) -> dict[str, str]:
 
 _DTYPES = {"text_input": "BYTES", "attributes": "BYTES", "system": "BYTES", "history": "BYTES",
            "stop_words": "BYTES", "bad_words": "BYTES", "max_tokens": "INT32", "top_k": "INT32",
-           "temperature": "FP32", "top_p": "FP32", "seed": "UINT64", "stream": "BOOL"}
+           "temperature": "FP32", "top_p": "FP32", "seed": "UINT64", "stream": "BOOL", "min_tokens": "INT32",
+           "repetition_penalty": "FP32", "presence_penalty": "FP32", "frequency_penalty": "FP32"}
 _NUMPY = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": bool}
 
 

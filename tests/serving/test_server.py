@@ -210,3 +210,12 @@ def test_an_unsendable_http_body_is_refused_by_triton_without_internals(server):
         urllib.request.urlopen(req, timeout=60)
     body = err.value.read().decode()
     assert err.value.code >= 400 and "JSON" in body and "Traceback" not in body and "/steerlm/" not in body
+
+
+def test_the_client_sends_min_tokens_and_penalties_as_upstreams_inputs(client):
+    with pytest.raises(SteerError, match="min_tokens"):
+        client.complete("hello", max_tokens=4, min_tokens=9)
+    with pytest.raises(SteerError, match="presence_penalty"):
+        client.complete("hello", max_tokens=4, presence_penalty=float("nan"))
+    pieces = list(client.stream("hello", max_tokens=4, min_tokens=4, repetition_penalty=1.2))
+    assert "".join(pieces)
