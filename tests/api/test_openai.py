@@ -264,3 +264,31 @@ def test_a_client_disconnect_cancels_the_grpc_stream(tiny_model):
             time.sleep(0.2)
         client = openai.OpenAI(base_url=api.base_url, api_key="-", max_retries=0, timeout=300)
         assert chat(client, max_tokens=2).choices  # and the API keeps serving
+
+
+def test_python_m_steerlm_api_serves_the_api_in_front_of_a_running_triton(tiny_model, triton):
+    import subprocess
+    import sys
+
+    from steerlm.serve.triton import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "steerlm.api", "--model", str(tiny_model), "--triton-grpc",
+                             triton.grpc_url, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                models = httpx2.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+                break
+            except httpx2.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+                time.sleep(0.2)
+        assert [m["id"] for m in models["data"]] == ["steerlm"]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="steerlm", max_tokens=4, temperature=0,
+                                                messages=[{"role": "user", "content": "hello"}])
+        assert answer.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
