@@ -14,7 +14,16 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from steerlm.api.errors import ApiError, unsupported
-from steerlm.api.openai_common import PARAMS, Attributes, OpenAIRequest, created, event_stream, label_form, new_id
+from steerlm.api.openai_common import (
+    PARAMS,
+    Attributes,
+    OpenAIRequest,
+    created,
+    event_stream,
+    label_form,
+    new_id,
+    response_envelope,
+)
 from steerlm.api.service import Conversation, Service, until_disconnected
 from steerlm.schema import SchemaError
 
@@ -128,14 +137,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                                      req.stream)
     rid, ts = new_id("chatcmpl"), created()
 
-    def envelope(choices: list, usage: dict | None = None) -> dict:
-        out = {"id": rid, "object": "chat.completion.chunk", "created": ts, "model": service.served_name,
-               "system_fingerprint": None, "choices": choices}
-        if req.include_usage:
-            out["usage"] = usage
-        return out
-
     if req.stream:
+        envelope = response_envelope(rid, ts, "chat.completion.chunk", service.served_name, req.include_usage)
+
         def chunk(text: str | None, finish: str | None) -> dict:
             delta = {} if text is None else {"content": text}
             return envelope([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
@@ -147,10 +151,6 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                                  media_type="text/event-stream")
 
     result = await until_disconnected(request, service.complete(prepared))
-    return {
-        "id": rid, "object": "chat.completion", "created": ts, "model": service.served_name,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
-                     "logprobs": None, "finish_reason": result.finish_reason}],
-        "usage": result.usage(),
-    }
+    whole = response_envelope(rid, ts, "chat.completion", service.served_name)
+    return whole([{"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
+                   "logprobs": None, "finish_reason": result.finish_reason}], result.usage())

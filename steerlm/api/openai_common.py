@@ -123,3 +123,17 @@ async def event_stream(service: Service, prepared: Prepared, *, first: dict | No
 
 def created() -> int:
     return int(time.time())
+
+
+def response_envelope(rid: str, ts: int, obj: str, model: str, include_usage: bool = True) -> Callable[..., dict]:
+    """The outer object of every response (whole or chunk) of one request; `usage` goes in only when wanted
+    (always in whole answers, with stream_options.include_usage in chunks)."""
+
+    def wrap(choices: list, usage: dict | None = None) -> dict:
+        out = {"id": rid, "object": obj, "created": ts, "model": model, "system_fingerprint": None,
+               "choices": choices}
+        if include_usage:
+            out["usage"] = usage
+        return out
+
+    return wrap

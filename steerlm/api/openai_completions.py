@@ -12,7 +12,15 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from steerlm.api.errors import ApiError, unsupported
-from steerlm.api.openai_common import PARAMS, OpenAIRequest, created, event_stream, label_form, new_id
+from steerlm.api.openai_common import (
+    PARAMS,
+    OpenAIRequest,
+    created,
+    event_stream,
+    label_form,
+    new_id,
+    response_envelope,
+)
 from steerlm.api.service import Conversation, Service, until_disconnected
 
 router = APIRouter()
@@ -66,14 +74,9 @@ async def completions(req: CompletionRequest, request: Request):
                                      req.stream)
     rid, ts = new_id("cmpl"), created()
 
-    def envelope(choices: list, usage: dict | None = None) -> dict:
-        out = {"id": rid, "object": "text_completion", "created": ts, "model": service.served_name,
-               "system_fingerprint": None, "choices": choices}
-        if req.include_usage:
-            out["usage"] = usage
-        return out
-
     if req.stream:
+        envelope = response_envelope(rid, ts, "text_completion", service.served_name, req.include_usage)
+
         def chunk(text: str | None, finish: str | None) -> dict:
             return envelope([{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}])
 
@@ -82,9 +85,6 @@ async def completions(req: CompletionRequest, request: Request):
                                  media_type="text/event-stream")
 
     result = await until_disconnected(request, service.complete(prepared))
-    return {
-        "id": rid, "object": "text_completion", "created": ts, "model": service.served_name,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}],
-        "usage": result.usage(),
-    }
+    whole = response_envelope(rid, ts, "text_completion", service.served_name)
+    return whole([{"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}],
+                 result.usage())
