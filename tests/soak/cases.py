@@ -218,7 +218,8 @@ def api_cases() -> list[Case]:
     def a(cls, name, body, route="/v1/chat/completions"):
         return _api_case(route, cls, name, body)
 
-    chat_raw = json.dumps(chat).encode()[:-1]
+    chat_json = json.dumps(chat).encode()
+    chat_raw = chat_json[:-1]  # the closing brace comes with the field each case appends
     return [
         a("non-finite float: temperature NaN", "temperature", chat_raw + b', "temperature": NaN}'),
         a("non-finite float: top_p Infinity", "top_p", chat_raw + b', "top_p": Infinity}'),
@@ -227,8 +228,8 @@ def api_cases() -> list[Case]:
         a("wrong JSON type: content a number", "messages[0].content",
           chat | {"messages": [{"role": "user", "content": 5}]}),
         a("wrong JSON type: max_tokens \"8\"", "max_tokens", chat | {"max_tokens": "eight"}),
-        a("invalid UTF-8: content", "messages", chat_raw.replace(H.encode(), b"caf\xff")),
-        a("lone surrogate: content", "messages[0].content", chat_raw.replace(H.encode(), b"a \\ud800")),
+        a("invalid UTF-8: content", "messages", chat_json.replace(H.encode(), b"caf\xff")),
+        a("lone surrogate: content", "messages", chat_json.replace(H.encode(), b"a \\ud800")),
         a("oversize: content 300 KB", "prompt", chat | {"messages": [{"role": "user", "content": OVERSIZE}]}),
         a("malformed history: two user messages in a row", "messages[1]",
           chat | {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
