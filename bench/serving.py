@@ -7,11 +7,17 @@ fixed number of generated tokens, greedy; at concurrency 1, 8 and 32:
           gRPC by steerlm_client (what users call);
 - openai: the OpenAI-compatible HTTP API (steerlm.api, started by `make serve`), streamed chat completions,
           when this checkout has it (or --openai-url points at one);
+- echo:   Triton's own cost: an ensemble of two empty python models (bench/echo_models; the `steerlm`
+          ensemble's shape) that streams one-character responses: what any python-backend ensemble pays;
 - aiperf: NVIDIA's load generator (pinned in requirements-aiperf.txt, its own venv .venv-bench) against the
           OpenAI endpoint and, through its template endpoint, Triton's /v2/models/steerlm/generate_stream.
-Per run: time to first token (TTFT), inter-token latency (ITL), requests/s, tokens/s. The serving overhead is
-reported per request (TTFT - floor TTFT, and the ratio) and per token (ITL / floor ITL), each repeat against the
-floor of the same repeat. Per-token flatness: one long stream; median ITL of its last 10 tokens / of tokens 10-20.
+Per run: time to first token (TTFT), inter-token latency (ITL: per request (last arrival - first) / (tokens - 1),
+as aiperf defines it, so pieces that arrive in bursts do not read as 0 ms), requests/s, tokens/s. The serving
+overhead is reported per request (TTFT - floor TTFT, and the ratio) and per token (ITL / floor ITL), each repeat
+against the floor of the same repeat. Both engines admit the same number of rows (the rendered repository's
+max_batch_size is the floor's). Clients keep their connections (the gRPC client's pool, HTTP keep-alive), as
+real clients do. Per-token flatness: one long stream; mean inter-arrival over its last 50 pieces / over pieces
+10-60 (windows, not single intervals: one late piece on a busy machine is not a trend).
 The ensemble's min_tokens (when the ensemble has it) pins the output length; without it a request may end early
 at the end id, and token counts are what was actually streamed.
 
@@ -20,8 +26,10 @@ at the end id, and token counts are what was actually streamed.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import queue
 import shutil
 import statistics
 import subprocess
@@ -35,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import click
 
@@ -72,12 +81,13 @@ class Trace:
         return self.arrivals[0] - self.start
 
     @property
-    def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.arrivals, self.arrivals[1:])]
+    def itl(self) -> float | None:
+        """Mean time per token after the first (aiperf's inter_token_latency), None for a one-token answer."""
+        return (self.arrivals[-1] - self.arrivals[0]) / (self.tokens - 1) if self.tokens > 1 else None
 
 
 def aggregate(traces: list[Trace], wall: float) -> dict[str, float]:
-    itls = [x for t in traces for x in t.itls]
+    itls = [t.itl for t in traces if t.itl is not None]
     return {"ttft_ms": 1000 * statistics.median(t.ttft for t in traces),
             "itl_ms": 1000 * statistics.median(itls) if itls else float("nan"),
             "req_s": len(traces) / wall, "tok_s": sum(t.tokens for t in traces) / wall}
@@ -123,28 +133,68 @@ def triton_request(client, max_tokens: int, min_tokens: bool) -> Trace:
     trace = Trace(time.perf_counter())
     for _piece in client.stream(QUESTION, **kwargs):
         trace.arrivals.append(time.perf_counter())
-        trace.tokens += 1  # one streamed piece per generated token (the text layer may hold back a partial one)
+        trace.tokens += 1
     if not trace.arrivals:
         raise RuntimeError("the ensemble streamed nothing")
+    if min_tokens:  # pieces are text (a piece may hold several tokens); min_tokens pins the token count
+        trace.tokens = max_tokens
+    return trace
+
+
+_local = threading.local()  # per load thread: its kept connections
+
+
+def echo_request(url: str, tokens: int) -> Trace:
+    """The echo baseline: the ensemble of two empty python models streams `tokens` one-character responses."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    trace, results = Trace(time.perf_counter()), queue.SimpleQueue()
+    client = getattr(_local, "grpc", None) or grpcclient.InferenceServerClient(url)
+    _local.grpc = client
+    inputs = []
+    for name, arr, dtype in (("text_input", np.array([[QUESTION.encode()]], dtype=np.object_), "BYTES"),
+                             ("max_tokens", np.array([[tokens]], dtype=np.int32), "INT32")):
+        inputs.append(grpcclient.InferInput(name, list(arr.shape), dtype))
+        inputs[-1].set_data_from_numpy(arr)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer("echo", inputs)
+        while trace.tokens < tokens:
+            result, error = results.get(timeout=600)
+            if error is not None:
+                raise RuntimeError(f"echo failed: {error}")
+            trace.arrivals.append(time.perf_counter())
+            trace.tokens += 1
+    finally:
+        client.stop_stream()
     return trace
 
 
 def openai_request(url: str, model: str, max_tokens: int) -> Trace:
+    """One streamed chat completion over a kept-alive HTTP connection (as the openai SDK's httpx client keeps)."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens,
                        "min_tokens": max_tokens, "stream": True, "temperature": 0}).encode()
-    req = urllib.request.Request(url.rstrip("/") + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    where = urlparse(url)
     trace = Trace(time.perf_counter())
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            delta = json.loads(line[5:])["choices"][0].get("delta", {}).get("content")
-            if delta:
-                trace.arrivals.append(time.perf_counter())
-                trace.tokens += 1
+    conn = getattr(_local, "http", None) or http.client.HTTPConnection(where.hostname, where.port, timeout=600)
+    _local.http = None  # taken back only after a complete response
+    conn.request("POST", where.path.rstrip("/") + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"the OpenAI endpoint answered {resp.status}: {resp.read()[:500]!r}")
+    while raw := resp.readline():
+        line = raw.decode().strip()
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        delta = json.loads(line[5:])["choices"][0].get("delta", {}).get("content")
+        if delta:
+            trace.arrivals.append(time.perf_counter())
+            trace.tokens += 1
+    _local.http = conn
     if not trace.arrivals:
         raise RuntimeError("the OpenAI endpoint streamed nothing")
+    trace.tokens = max_tokens  # min_tokens pins the count (the API refuses it where the ensemble lacks it)
     return trace
 
 
@@ -213,12 +263,17 @@ def ensemble_has(server, name: str) -> bool:
     return any(f'"{name}"' in p.read_text() for p in Path(server.repo_dir).glob("steerlm/config.pbtxt"))
 
 
+FLAT_WINDOW = 50
+
+
 def flatness(trace: Trace) -> float:
-    """Median ITL of the last 10 tokens over that of tokens 10..20 (1.0: the 1000th token costs the 10th's)."""
-    itls = trace.itls
-    if len(itls) < 40:
-        raise ValueError(f"a flatness run needs >= 40 tokens, got {len(itls) + 1}")
-    return statistics.median(itls[-10:]) / statistics.median(itls[9:19])
+    """Mean inter-arrival over the last 50 pieces / over pieces 10..60 (1.0: the 1000th token costs the 10th's).
+    Windows of 50: a single interval on a shared machine is noise, and pieces may arrive in bursts."""
+    a = trace.arrivals
+    w = min(FLAT_WINDOW, (len(a) - 10) // 3)
+    if w < 10:
+        raise ValueError(f"a flatness run needs >= 40 pieces, got {len(a)}")
+    return (a[-1] - a[-1 - w]) / (a[10 + w] - a[10])
 
 
 @contextmanager
@@ -263,8 +318,10 @@ def openai_api(openai_url: str | None, model_dir: Path, grpc_url: str) -> Iterat
 def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, out) -> None:
     """TTFT, ITL, req/s and tok/s at concurrency 1/8/32: engine in-process vs Triton ensemble vs OpenAI API."""
     passive_omp()  # before torch is imported
+    from bench.serving_stages import add_echo_models
     from steer_train.tiny import init_tiny
     from steerlm.generation import Engine
+    from steerlm.serve.repository import render_repository
     from steerlm.serve.triton import TritonServer
     from steerlm.tokenize import load_tokenizer
     from steerlm_client import SteerClient
@@ -278,7 +335,10 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     try:
         model_dir = init_tiny(work / "model", max_positions=long_len + 512)
-        with TritonServer(model_dir, workdir=work / "triton", timeout=300) as server, \
+        # The generator's engine admits as many rows as the floor's (the CPU default, 8, would queue the rest).
+        repo = render_repository(work / "repo", model_dir, backend="cpu", max_batch_size=max(CONCURRENCY))
+        add_echo_models(repo)
+        with TritonServer(repo_dir=repo, workdir=work / "triton", timeout=300) as server, \
                 openai_api(openai_url, model_dir, server.grpc_url) as openai_url:
             client = SteerClient(server.grpc_url, "grpc")
             min_tokens = ensemble_has(server, "min_tokens")
@@ -289,6 +349,7 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
             try:
                 floor_request(engine, prompt_ids, 2)  # warm-up
                 triton_request(client, 2, min_tokens)
+                echo_request(server.grpc_url, 2)
                 levels = CONCURRENCY
 
                 def one(r: int) -> dict[str, float]:
@@ -297,7 +358,8 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
                         n = max(8 if quick else 16, c)
                         for kind, fn in (("floor", lambda: floor_request(engine, prompt_ids, osl)),
                                          ("triton", lambda: triton_request(client, osl, min_tokens)),
-                                         ("openai", lambda: openai_request(openai_url, openai_model, osl))):
+                                         ("openai", lambda: openai_request(openai_url, openai_model, osl)),
+                                         ("echo", lambda: echo_request(server.grpc_url, osl))):
                             for k, v in run_load(fn, n, c).items():
                                 figs[f"{kind}_c{c}_{k}"] = v
                         if aiperf_why is None:
@@ -341,23 +403,33 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
                          fmt(extra_ms, 1)])
         if aiperf_why:
             rows.append(["aiperf", c, aiperf_why, "", "", "", "", "", ""])
+        e = {k: raw[f"echo_c{c}_{k}"] for k in ("ttft_ms", "itl_ms")}
+        echo_ttft = summarize(e["ttft_ms"], unit="ms", better="lower")
+        # What is ours: the ensemble's TTFT over the floor's, less what the empty ensemble alone takes.
+        ours = summarize([t - f_ - x for t, f_, x in zip(raw[f"triton_c{c}_ttft_ms"], f["ttft_ms"], e["ttft_ms"])],
+                         unit="ms", better="lower")
+        metrics.update({f"echo_c{c}/ttft_ms": echo_ttft, f"triton_c{c}/ttft_minus_floor_minus_echo_ms": ours})
+        rows.append(["echo (2 empty python models, Triton's own cost)", c, fmt(echo_ttft, 1),
+                     fmt(summarize(e["itl_ms"]), 2), "", "", "", "", f"ours: {fmt(ours, 1)}"])
     for kind in ("floor", "triton"):
-        metrics[f"{kind}/flatness_itl_last10_vs_10th"] = summarize(raw[f"{kind}_flatness"], better="lower")
+        metrics[f"{kind}/flatness_last50_vs_10to60"] = summarize(raw[f"{kind}_flatness"], better="lower")
     md = (f"## Serving overhead (tiny model, CPU backend)\n\n"
           f"Prompt of {isl} tokens (the server's rendering of one question), {osl} generated tokens, greedy; "
           f"{'min_tokens pins the length' if min_tokens else 'no min_tokens in this ensemble: a request may end early at the end id'}; "
           f"requests per level max(16, concurrency); median (min-max) over {repeats} repeat(s). TTFT/ITL: medians over "
           "requests (aiperf: p50); ratios per repeat against the floor of the same repeat.\n\n"
-          + table(["path", "concurrency", "TTFT ms", "ITL ms", "req/s", "tok/s (triton, openai: text pieces/s)",
+          + table(["path", "concurrency", "TTFT ms", "ITL ms", "req/s", "tok/s",
                    "TTFT / floor", "ITL / floor",
                    "TTFT - floor (ms)"], rows)
-          + f"\n\nPer-token flatness, one {long_len}-token stream, median ITL of the last 10 tokens / of tokens 10-20 "
-            f"(target <= {FLATNESS_TARGET}): floor {fmt(metrics['floor/flatness_itl_last10_vs_10th'])}, "
-            f"Triton ensemble {fmt(metrics['triton/flatness_itl_last10_vs_10th'])} over "
-            f"{summarize(raw['triton_flatness_pieces'])['median']:.0f} streamed text pieces. The ensemble streams text: "
-            "a piece is released once it decodes stably and cannot be part of a stop string, so with a random model "
-            "tokens that decode to partial characters arrive in bursts and per-piece ITL is not per-token ITL "
-            "(per-token figures need the ensemble's num_output_tokens, which `serving` adds). "
+          + "\n\nThe echo rows: the same two-step ensemble shape with empty python models (bench/echo_models), so its "
+            "TTFT is what Triton's gRPC frontend, ensemble scheduler and two python-backend hops cost by themselves; "
+            "'ours' = ensemble TTFT - floor TTFT - echo TTFT, per repeat. "
+            f"Per-token flatness, one {long_len}-token stream, mean inter-arrival over the last {FLAT_WINDOW} pieces / "
+            f"over pieces 10-{10 + FLAT_WINDOW} (target <= {FLATNESS_TARGET}): floor "
+            f"{fmt(metrics['floor/flatness_last50_vs_10to60'])}, Triton ensemble "
+            f"{fmt(metrics['triton/flatness_last50_vs_10to60'])} over "
+            f"{summarize(raw['triton_flatness_pieces'])['median']:.0f} streamed text pieces (a piece is released once "
+            "it decodes stably and cannot be part of a stop string; pieces waiting for a busy sender are merged). "
             f"Target: the serving stack adds < {REQUEST_OVERHEAD_TARGET_MS} ms per request at p50.")
     extra = {"input_len": isl, "output_len": osl, "min_tokens": min_tokens, "long_len": long_len}
     if aiperf_why:

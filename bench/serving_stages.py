@@ -360,16 +360,15 @@ def main(n: int, tokens: int, concurrency: str) -> None:
 def report(stamps, runs, levels, tokens) -> None:
     for c in levels:
         click.echo(f"\n### concurrency {c} ({tokens} tokens; median ms over requests)\n")
-        click.echo("| stage | steerlm | floor (in-process) |")
-        click.echo("|---|---|---|")
-        s_st = [stamps[r] for r in runs["steerlm", c]]
-        s_fl = [stamps[r] for r in runs["floor", c]]
-        for a, b, what in FIRST_TOKEN:
-            click.echo(f"| {what} | {med(gap(s, a, b) for s in s_st):.3f} | "
-                       f"{med(gap(s, a, b) for s in s_fl):.3f} |")
+        click.echo("| stage | steerlm | floor (in-process) | echo ensemble |")
+        click.echo("|---|---|---|---|")
+        cols = [[stamps[r] for r in runs[k, c]] for k in ("steerlm", "floor", "echo")]
+        for a, b, what in FIRST_TOKEN + [("cli_sent", "cli_recv_0", "(echo: sent -> first response, the whole server)")]:
+            click.echo(f"| {what} | " + " | ".join(f"{med(gap(s, a, b) for s in col):.3f}" for col in cols) + " |")
         ttft = {k: med(gap(stamps[r], "cli_start", "cli_got_0") for r in runs[k, c])
                 for k in ("floor", "steerlm", "echo", "echo_stream")}
-        click.echo("| **TTFT (cli_start -> first piece)** | " f"{ttft['steerlm']:.3f} | {ttft['floor']:.3f} |")
+        click.echo(f"| **TTFT (cli_start -> first piece)** | {ttft['steerlm']:.3f} | {ttft['floor']:.3f} | "
+                   f"{ttft['echo']:.3f} |")
         click.echo(f"\nTTFT: floor {ttft['floor']:.2f}, steerlm {ttft['steerlm']:.2f}, echo ensemble "
                    f"{ttft['echo']:.2f}, echo_stream alone {ttft['echo_stream']:.2f} ms\n")
         click.echo("| per response after the first | steerlm | floor | echo |")

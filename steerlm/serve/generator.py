@@ -193,7 +193,7 @@ class ResponseQueue:
         self._thread.start()
 
     def wrap(self, sink: ResponseSink) -> ResponseSink:
-        """A sink whose sends go through this queue (cancellation is still asked of `sink` directly)."""
+        """A sink whose sends go through this queue; cancellation is asked of `sink` at most every 5 ms."""
         return _QueuedSink(sink, self._queue)
 
     def close(self) -> None:
@@ -220,14 +220,23 @@ class ResponseQueue:
 
 
 class _QueuedSink:
+    # Asking Triton whether a request is cancelled is a round trip to the server process too, and the engine
+    # asks twice per row and step (before the step and before sampling): an answer is reused for this long,
+    # which delays noticing a cancellation by at most that (a decode step or two).
+    CANCEL_POLL = 0.005
+
     def __init__(self, sink: ResponseSink, out: queue.SimpleQueue) -> None:
         self.sink, self._out = sink, out
+        self._cancelled, self._asked = False, float("-inf")
 
     def send(self, outputs: dict[str, np.ndarray] | None, final: bool, error: str | None = None) -> None:
         self._out.put((self.sink, outputs, final, error))
 
     def is_cancelled(self) -> bool:
-        return self.sink.is_cancelled()
+        now = time.monotonic()
+        if not self._cancelled and now - self._asked >= self.CANCEL_POLL:
+            self._cancelled, self._asked = bool(self.sink.is_cancelled()), now
+        return self._cancelled
 
 
 def _merged(items):
