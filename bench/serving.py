@@ -429,7 +429,7 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
             f"{fmt(metrics['floor/flatness_last50_vs_10to60'])}, Triton ensemble "
             f"{fmt(metrics['triton/flatness_last50_vs_10to60'])} over "
             f"{summarize(raw['triton_flatness_pieces'])['median']:.0f} streamed text pieces (a piece is released once "
-            "it decodes stably and cannot be part of a stop string; pieces waiting for a busy sender are merged). "
+            "it decodes stably and cannot be part of a stop string). "
             f"Target: the serving stack adds < {REQUEST_OVERHEAD_TARGET_MS} ms per request at p50.")
     extra = {"input_len": isl, "output_len": osl, "min_tokens": min_tokens, "long_len": long_len}
     if aiperf_why:

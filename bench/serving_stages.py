@@ -304,7 +304,11 @@ def per_token(s: dict[str, int], kind: str) -> dict[str, list[float]]:
 @click.option("--requests", "n", type=int, default=24, show_default=True, help="Requests per path and level.")
 @click.option("--tokens", type=int, default=16, show_default=True, help="Generated tokens per request.")
 @click.option("--concurrency", default="1,8", show_default=True, help="Comma-separated concurrency levels.")
-def main(n: int, tokens: int, concurrency: str) -> None:
+@click.option("--long", "long_len", type=int, default=1000, show_default=True,
+              help="Tokens of one more stream (concurrency 1) whose per-response stages are compared early vs late "
+                   "(0: none).")
+@click.option("--keep", type=click.Path(file_okay=False), default=None, help="Copy the raw stamp files here.")
+def main(n: int, tokens: int, concurrency: str, long_len: int, keep: str | None) -> None:
     """Stage-by-stage timing of streamed requests: Triton ensemble, echo baselines, in-process engine."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from steer_train.tiny import init_tiny
@@ -321,7 +325,7 @@ def main(n: int, tokens: int, concurrency: str) -> None:
     os.environ[STAGE_LOG] = str(logs)  # the server's stubs inherit it
     instrument_engine()
     try:
-        model_dir = init_tiny(work / "model", max_positions=1024)
+        model_dir = init_tiny(work / "model", max_positions=max(1024, long_len + 512))
         repo = render_repository(work / "repo", model_dir, backend="cpu", max_batch_size=max(levels))
         prepare_repository(repo)
         with TritonServer(repo_dir=repo, workdir=work / "triton", timeout=300) as server:
@@ -349,12 +353,34 @@ def main(n: int, tokens: int, concurrency: str) -> None:
                         with ThreadPoolExecutor(c) as pool:
                             list(pool.map(fn, rids))
                     runs[kind, c] = rids
+            if long_len:
+                long_fields = {**steer, "max_tokens": long_len, "min_tokens": long_len}
+                grpc_stream(url, "steerlm", long_fields, "long-steerlm")
+                floor_stream(engine, prompt_ids, long_len, "long-floor")
             engine.close()
         time.sleep(0.5)
         stamps = read_stamps(logs)
+        if keep:
+            shutil.copytree(logs, keep, dirs_exist_ok=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(stamps, runs, levels, tokens)
+    if long_len:
+        report_long(stamps, long_len)
+
+
+def report_long(stamps, long_len: int, window: int = 50) -> None:
+    """Per-response stage costs early (responses 10-60) vs late (the last 50) in one long stream."""
+    click.echo(f"\n### one {long_len}-token stream: per-response stages, early vs late (median ms)\n")
+    click.echo(f"| path | stage | responses 10-{10 + window} | last {window} | late / early |")
+    click.echo("|---|---|---|---|---|")
+    for kind in ("steerlm", "floor"):
+        for name, vals in sorted(per_token(stamps[f"long-{kind}"], kind).items()):
+            vals = [v for v in vals if v is not None]
+            if len(vals) < 10 + 2 * window:
+                continue
+            early, late = med(vals[10:10 + window]), med(vals[-window:])
+            click.echo(f"| {kind} | {name} | {early:.3f} | {late:.3f} | {late / early:.2f} |")
 
 
 def report(stamps, runs, levels, tokens) -> None:

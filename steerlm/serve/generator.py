@@ -15,7 +15,6 @@ Tested without a server through `ResponseSink` fakes (tests/serving/test_generat
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from typing import Callable, Protocol
@@ -177,87 +176,32 @@ class GeneratorCore:
             job.fail(f"generation could not start: {exc}")
 
 
-class ResponseQueue:
-    """Sends responses in order on a thread of its own, so the engine's thread never waits on a send.
+class PolledSink:
+    """A response sink whose cancellation answer is reused for `CANCEL_POLL` seconds.
 
-    A python-backend response send is a round trip to the Triton process (`ResponseSender::Send` waits until
-    the server has taken the response; measured 0.5-1 ms on 2 loaded cores, bench/serving_stages.py). Made
-    from the engine's callbacks it lengthened every decode step by that much for every row. When the sender
-    falls behind, the responses of one request that are waiting are merged into one (text concatenated, the
-    first's prompt and the last's finish reason kept), so a stream never lags the engine by more than one
-    round trip per request; the pieces still concatenate to the same answer."""
+    Asking Triton whether a request is cancelled is a round trip to the server process (like a response send),
+    and the engine asks twice per row and decode step (before the step and before sampling): measured 2 x 16
+    round trips for a 16-token answer (bench/serving_stages.py). Reusing an answer for 5 ms delays noticing a
+    cancellation by at most that, a decode step or two.
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="steerlm-responses", daemon=True)
-        self._thread.start()
+    (Sending from a thread of its own, so that the engine never waits on a send, was measured too and left
+    out: on 2 busy cores it let the engine's steps starve the server's delivery of responses, and streams
+    stalled for up to 0.2 s.)"""
 
-    def wrap(self, sink: ResponseSink) -> ResponseSink:
-        """A sink whose sends go through this queue; cancellation is asked of `sink` at most every 5 ms."""
-        return _QueuedSink(sink, self._queue)
-
-    def close(self) -> None:
-        """Send what is queued, then stop the thread."""
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while True:  # everything already waiting, so one request's pieces can be merged
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in batch
-            for sink, outputs, final, error in _merged(b for b in batch if b is not None):
-                try:
-                    sink.send(outputs, final, error)
-                except Exception:  # one broken response sender must not stop the others' responses
-                    log.exception("could not send a response")
-            if stop:
-                return
-
-
-class _QueuedSink:
-    # Asking Triton whether a request is cancelled is a round trip to the server process too, and the engine
-    # asks twice per row and step (before the step and before sampling): an answer is reused for this long,
-    # which delays noticing a cancellation by at most that (a decode step or two).
     CANCEL_POLL = 0.005
 
-    def __init__(self, sink: ResponseSink, out: queue.SimpleQueue) -> None:
-        self.sink, self._out = sink, out
+    def __init__(self, sink: ResponseSink) -> None:
+        self.sink = sink
         self._cancelled, self._asked = False, float("-inf")
 
     def send(self, outputs: dict[str, np.ndarray] | None, final: bool, error: str | None = None) -> None:
-        self._out.put((self.sink, outputs, final, error))
+        self.sink.send(outputs, final, error)
 
     def is_cancelled(self) -> bool:
         now = time.monotonic()
         if not self._cancelled and now - self._asked >= self.CANCEL_POLL:
             self._cancelled, self._asked = bool(self.sink.is_cancelled()), now
         return self._cancelled
-
-
-def _merged(items):
-    """The queued responses with each request's consecutive text responses merged (order kept per request)."""
-    out: list[list] = []
-    last: dict[int, list] = {}  # id(sink) -> its latest entry in `out`
-    for sink, outputs, final, error in items:
-        prev = last.get(id(sink))
-        if prev is not None and not prev[2] and prev[3] is None and outputs and prev[1] and error is None:
-            merged = {**prev[1], **outputs}
-            merged["text_output"] = _text((_bytes(prev[1]) + _bytes(outputs)).decode("utf-8"))
-            prev[1], prev[2] = merged, final
-            continue
-        entry = [sink, outputs, final, error]
-        out.append(entry)
-        last[id(sink)] = entry
-    return out
-
-
-def _bytes(outputs: dict[str, np.ndarray]) -> bytes:
-    return b"".join(outputs["text_output"].reshape(-1).tolist()) if "text_output" in outputs else b""
 
 
 class Watchdog:

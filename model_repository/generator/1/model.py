@@ -12,7 +12,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from steerlm.serve.engines import create_engine
-from steerlm.serve.generator import GeneratorCore, ResponseQueue, Watchdog
+from steerlm.serve.generator import GeneratorCore, PolledSink, Watchdog
 from steerlm.serve.ipc import IpcServer
 from steerlm.serve.requests import load_key
 from steerlm.serve.triton import STALL_MARK
@@ -76,7 +76,6 @@ class TritonPythonModel:
         options = json.loads(params.get("engine_options") or "{}")
         self.engine = create_engine(params.get("generation_engine", "torch"), params.get("engine_dir") or model_dir,
                                     max_batch_size=int(params["max_batch_size"]), **options)
-        self.responses = ResponseQueue()
         self.core = GeneratorCore(self.engine, load_tokenizer(model_dir), load_spec(model_dir).template.answer_end,
                                   load_key(Path(args["model_repository"]).parent))
         # Whole answers for unary infer() (generator_whole, the NeMo model) come over this local channel.
@@ -94,7 +93,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            sink = self.responses.wrap(Sink(request.get_response_sender()))
+            sink = PolledSink(Sink(request.get_response_sender()))
             document = pb_utils.get_input_tensor_by_name(request, "REQUEST")
             signature = pb_utils.get_input_tensor_by_name(request, "SIGNATURE")
             if document is None or signature is None:
@@ -108,4 +107,3 @@ class TritonPythonModel:
         self.ipc.close()
         self.watchdog.stop()
         self.engine.close()
-        self.responses.close()
