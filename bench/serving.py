@@ -15,8 +15,7 @@ Per run: time to first token (TTFT), inter-token latency (ITL: per request (last
 as aiperf defines it, so pieces that arrive in bursts do not read as 0 ms), requests/s, tokens/s. The serving
 overhead is reported per request (TTFT - floor TTFT, and the ratio) and per token (ITL / floor ITL), each repeat
 against the floor of the same repeat. Both engines admit the same number of rows (the rendered repository's
-max_batch_size is the floor's). Clients keep their connections (the gRPC client's pool, HTTP keep-alive), as
-real clients do. Per-token flatness: one long stream; mean inter-arrival over its last 50 pieces / over pieces
+max_batch_size is the floor's). Per-token flatness: one long stream; mean inter-arrival over its last 50 pieces / over pieces
 10-60 (windows, not single intervals: one late piece on a busy machine is not a trend).
 The ensemble's min_tokens (when the ensemble has it) pins the output length; without it a request may end early
 at the end id, and token counts are what was actually streamed.
@@ -26,7 +25,6 @@ at the end id, and token counts are what was actually streamed.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import queue
@@ -43,7 +41,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import click
 
@@ -141,17 +138,14 @@ def triton_request(client, max_tokens: int, min_tokens: bool) -> Trace:
     return trace
 
 
-_local = threading.local()  # per load thread: its kept connections
-
-
 def echo_request(url: str, tokens: int) -> Trace:
-    """The echo baseline: the ensemble of two empty python models streams `tokens` one-character responses."""
+    """The echo baseline: the ensemble of two empty python models streams `tokens` one-character responses
+    (a gRPC connection per request, as steerlm_client makes)."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
     trace, results = Trace(time.perf_counter()), queue.SimpleQueue()
-    client = getattr(_local, "grpc", None) or grpcclient.InferenceServerClient(url)
-    _local.grpc = client
+    client = grpcclient.InferenceServerClient(url)
     inputs = []
     for name, arr, dtype in (("text_input", np.array([[QUESTION.encode()]], dtype=np.object_), "BYTES"),
                              ("max_tokens", np.array([[tokens]], dtype=np.int32), "INT32")):
@@ -168,30 +162,24 @@ def echo_request(url: str, tokens: int) -> Trace:
             trace.tokens += 1
     finally:
         client.stop_stream()
+        client.close()
     return trace
 
 
 def openai_request(url: str, model: str, max_tokens: int) -> Trace:
-    """One streamed chat completion over a kept-alive HTTP connection (as the openai SDK's httpx client keeps)."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens,
                        "min_tokens": max_tokens, "stream": True, "temperature": 0}).encode()
-    where = urlparse(url)
+    req = urllib.request.Request(url.rstrip("/") + "/v1/chat/completions", body, {"Content-Type": "application/json"})
     trace = Trace(time.perf_counter())
-    conn = getattr(_local, "http", None) or http.client.HTTPConnection(where.hostname, where.port, timeout=600)
-    _local.http = None  # taken back only after a complete response
-    conn.request("POST", where.path.rstrip("/") + "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"the OpenAI endpoint answered {resp.status}: {resp.read()[:500]!r}")
-    while raw := resp.readline():
-        line = raw.decode().strip()
-        if not line.startswith("data:") or line == "data: [DONE]":
-            continue
-        delta = json.loads(line[5:])["choices"][0].get("delta", {}).get("content")
-        if delta:
-            trace.arrivals.append(time.perf_counter())
-            trace.tokens += 1
-    _local.http = conn
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[5:])["choices"][0].get("delta", {}).get("content")
+            if delta:
+                trace.arrivals.append(time.perf_counter())
+                trace.tokens += 1
     if not trace.arrivals:
         raise RuntimeError("the OpenAI endpoint streamed nothing")
     trace.tokens = max_tokens  # min_tokens pins the count (the API refuses it where the ensemble lacks it)

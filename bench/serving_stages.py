@@ -19,7 +19,6 @@ import os
 import queue
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -145,7 +144,6 @@ def instrument_generator(module) -> None:
 
 WRAPPER = '''"""Stage-timing wrapper (bench/serving_stages.py) around the original model.py of this model."""
 import importlib.util
-import sys
 from pathlib import Path
 
 sys.path.insert(0, {root!r})
@@ -178,11 +176,8 @@ def add_echo_models(repo: Path) -> None:
 # ---------------------------------------------------------------- clients
 
 
-_clients = threading.local()
-
-
 def grpc_stream(url: str, model: str, fields: dict, rid: str) -> None:
-    """One streamed request, as steerlm_client does it (a gRPC connection kept per thread for the next one)."""
+    """One streamed request, as steerlm_client does it (a gRPC connection of its own)."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
@@ -196,8 +191,7 @@ def grpc_stream(url: str, model: str, fields: dict, rid: str) -> None:
         t.set_data_from_numpy(arr)
         inputs.append(t)
     results: queue.Queue = queue.Queue()
-    client = getattr(_clients, "client", None) or grpcclient.InferenceServerClient(url)
-    _clients.client = client
+    client = grpcclient.InferenceServerClient(url)
     n = [0]
 
     def callback(result, error):
@@ -221,6 +215,7 @@ def grpc_stream(url: str, model: str, fields: dict, rid: str) -> None:
                 return
     finally:
         client.stop_stream()
+        client.close()
 
 
 def floor_stream(engine, prompt_ids: list[int], tokens: int, rid: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import queue
-import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -68,9 +67,7 @@ class StreamedAnswer:
 class SteerClient:
     """Client for the `steerlm` ensemble. `url` is host:port of the gRPC or HTTP endpoint.
 
-    One client may be used from several threads: each call has a connection of its own while it runs. gRPC
-    connections are kept for the next call (opening one costs milliseconds, as much as a short answer takes to
-    start); `close()` closes the idle ones."""
+    Every call opens its own connection, so one client may be used from several threads."""
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", *, model: str = "steerlm",
                  reward_model: str = "reward_model", timeout: float = 600.0) -> None:
@@ -81,21 +78,6 @@ class SteerClient:
         self.model = model
         self.reward_model = reward_model
         self.timeout = timeout
-        self._idle: list = []  # gRPC clients free for the next call (each holds one stream at a time)
-        self._idle_lock = threading.Lock()
-
-    def close(self) -> None:
-        """Close the idle gRPC connections (a later call opens a new one)."""
-        with self._idle_lock:
-            idle, self._idle = self._idle, []
-        for client in idle:
-            client.close()
-
-    def __enter__(self) -> "SteerClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- generation -------------------------------------------------------------------------------------
     def generate(self, question: str, **kwargs) -> str:
@@ -173,10 +155,8 @@ class SteerClient:
 
         inputs = [_grpc_input(grpcclient, name, value) for name, value in fields.items()]
         results: queue.Queue = queue.Queue()
-        with self._idle_lock:
-            client = self._idle.pop() if self._idle else None
-        client = client or grpcclient.InferenceServerClient(self.url)
-        finished, healthy = False, True
+        client = grpcclient.InferenceServerClient(self.url)
+        finished = False
         try:
             client.start_stream(callback=lambda result, error: results.put((result, error)),
                                 stream_timeout=self.timeout)
@@ -185,7 +165,6 @@ class SteerClient:
                 try:
                     result, error = results.get(timeout=self.timeout)
                 except queue.Empty:
-                    healthy = False
                     raise SteerError(f"no response from {self.url} within {self.timeout:.0f} s") from None
                 if error is not None:
                     finished = True  # an error response ends the request
@@ -198,7 +177,6 @@ class SteerClient:
                     finished = True
                     return
         except InferenceServerException as exc:
-            healthy = False
             # A broken stream reports its cause through the callback; that is the useful message.
             try:
                 _, error = results.get_nowait()
@@ -211,11 +189,7 @@ class SteerClient:
                 # has already finished leaves tritonserver unable to unload the ensemble, so SIGTERM hangs.
                 client.stop_stream(cancel_requests=not finished)
             finally:
-                if finished and healthy:
-                    with self._idle_lock:
-                        self._idle.append(client)
-                else:
-                    client.close()
+                client.close()
 
     # HTTP: Triton's generate extension (JSON in; one JSON answer, or server-sent events when streaming).
     def _send_http(self, fields: dict[str, Any]) -> Iterator[tuple[str, str]]:
