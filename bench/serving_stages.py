@@ -144,6 +144,7 @@ def instrument_generator(module) -> None:
 
 WRAPPER = '''"""Stage-timing wrapper (bench/serving_stages.py) around the original model.py of this model."""
 import importlib.util
+import sys
 from pathlib import Path
 
 sys.path.insert(0, {root!r})
