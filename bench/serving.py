@@ -357,6 +357,12 @@ def main(quick, repeats, osl, long_len, openai_url, openai_model, use_aiperf, ou
                                                      work / f"aiperf-{kind}-{r}-{c}", min_tokens)
                                 for k, v in res.items():
                                     figs[f"{kind}_c{c}_{k}"] = v
+                    # The long streams start on a settled server (a pause, one short request): on a loaded machine
+                    # a stream's first pieces sometimes arrived together after 0.1-0.2 s, before and after the
+                    # changes of issue 13 alike, which an early window reads as a per-token trend
+                    # (bench/serving_stages.py --long times the per-response stages themselves).
+                    time.sleep(1.0)
+                    triton_request(client, 2, min_tokens)
                     figs["floor_flatness"] = flatness(floor_request(engine, prompt_ids, long_len))
                     long = triton_request(client, long_len, min_tokens)
                     figs["triton_flatness"] = flatness(long)
