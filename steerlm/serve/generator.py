@@ -176,34 +176,6 @@ class GeneratorCore:
             job.fail(f"generation could not start: {exc}")
 
 
-class PolledSink:
-    """A response sink whose cancellation answer is reused for `CANCEL_POLL` seconds.
-
-    Asking Triton whether a request is cancelled is a round trip to the server process (like a response send),
-    and the engine asks twice per row and decode step (before the step and before sampling): measured 2 x 16
-    round trips for a 16-token answer (bench/serving_stages.py). Reusing an answer for 5 ms delays noticing a
-    cancellation by at most that, a decode step or two.
-
-    (Sending from a thread of its own, so that the engine never waits on a send, was measured too and left
-    out: on 2 busy cores it let the engine's steps starve the server's delivery of responses, and streams
-    stalled for up to 0.2 s.)"""
-
-    CANCEL_POLL = 0.005
-
-    def __init__(self, sink: ResponseSink) -> None:
-        self.sink = sink
-        self._cancelled, self._asked = False, float("-inf")
-
-    def send(self, outputs: dict[str, np.ndarray] | None, final: bool, error: str | None = None) -> None:
-        self.sink.send(outputs, final, error)
-
-    def is_cancelled(self) -> bool:
-        now = time.monotonic()
-        if not self._cancelled and now - self._asked >= self.CANCEL_POLL:
-            self._cancelled, self._asked = bool(self.sink.is_cancelled()), now
-        return self._cancelled
-
-
 class Watchdog:
     """Calls `on_stall(message)` when the engine has work but has made no progress for `timeout` seconds,
     and `on_tick(engine)` every `interval` seconds (metrics). Runs on its own daemon thread."""

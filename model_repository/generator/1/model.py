@@ -12,7 +12,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from steerlm.serve.engines import create_engine
-from steerlm.serve.generator import GeneratorCore, PolledSink, Watchdog
+from steerlm.serve.generator import GeneratorCore, Watchdog
 from steerlm.serve.ipc import IpcServer
 from steerlm.serve.requests import load_key
 from steerlm.serve.triton import STALL_MARK
@@ -93,7 +93,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            sink = PolledSink(Sink(request.get_response_sender()))
+            sink = Sink(request.get_response_sender())
             document = pb_utils.get_input_tensor_by_name(request, "REQUEST")
             signature = pb_utils.get_input_tensor_by_name(request, "SIGNATURE")
             if document is None or signature is None:
