@@ -70,7 +70,7 @@ def layers_for(size_bytes: float, hidden: int, vocab: int) -> int:
 
 def make_model(out: Path, hidden: int, layers: int, vocab: int) -> int:
     import torch
-    from st_stream import StreamingWriter
+    from steerlm.convert.stream import StreamingWriter
 
     cfg, shapes = llama_shapes(hidden, layers, vocab)
     out.mkdir(parents=True)

@@ -175,14 +175,47 @@ class Fp8Stats:
         return cls(dict(d["act_amax"]), {int(k): float(v) for k, v in d["kv_amax"].items()})
 
 
+def abs_max(w: torch.Tensor) -> torch.Tensor:
+    """max |w| as a float32 scalar, without a float32 copy of `w` (min and max are exact in every dtype)."""
+    lo, hi = torch.aminmax(w)
+    return torch.maximum(hi.float(), lo.float().neg())
+
+
 def weight_scale(*weights: torch.Tensor) -> torch.Tensor:
     """Per-tensor FP8 scale amax/448 over the full (unsplit) weights; merged to the max for fused weights."""
-    amax = torch.stack([w.float().abs().amax() for w in weights]).amax()
+    if weights[0].is_meta:  # the layout pass needs only the shape (and meta reductions import half of torch)
+        return torch.empty(1, dtype=torch.float32, device="meta")
+    amax = torch.stack([abs_max(w) for w in weights]).amax()
     return (amax.clamp(min=1e-12) / FP8_MAX).reshape(1)
 
 
+QUANT_BLOCK = 1 << 20  # elements per float32 block: quantizing a block at a time keeps it in cache
+
+
 def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (w.float() / scale.to(w.device)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    """float8_e4m3fn(clamp(w / scale, +-448)), computed in float32 a block of rows at a time."""
+    out = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    if w.is_meta:
+        return out
+    scale = scale.to(w.device)
+    rows, flat = (w, out) if w.dim() > 1 else (w.reshape(1, -1), out.reshape(1, -1))
+    step = max(1, QUANT_BLOCK // max(1, rows[0].numel()))
+    for i in range(0, rows.shape[0], step):
+        # copy=True: w may already be float32 (or a read-only file mapping) and is divided in place here.
+        block = rows[i : i + step].to(torch.float32, copy=True)
+        flat[i : i + step].copy_(block.div_(scale).clamp_(-FP8_MAX, FP8_MAX))
+    return out
+
+
+def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0, written as copies into one new tensor: the same work on real tensors, and on
+    the layout pass's meta tensors it avoids torch.cat's Python meta kernel (seconds of lazy imports)."""
+    out = parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+    row = 0
+    for p in parts:
+        out[row : row + p.shape[0]].copy_(p)
+        row += p.shape[0]
+    return out
 
 
 Getter = Callable[[str], torch.Tensor]
@@ -233,7 +266,7 @@ def rank_units(
             kd, vd = dup_kv(k, dims.num_kv_heads, tp_size), dup_kv(v, dims.num_kv_heads, tp_size)
         qs, ks, vs = split(q, tp_size, 0), split(kd, tp_size, 0), split(vd, tp_size, 0)
         assert ks[0].shape[0] == kv_local * dims.head_size
-        qkv = [torch.cat([qs[r], ks[r], vs[r]], dim=0) for r in range(tp_size)]
+        qkv = [cat_rows([qs[r], ks[r], vs[r]]) for r in range(tp_size)]
         act = fp8.act_scale(*(f"{hf}.self_attn.{p}_proj" for p in "qkv")) if fp8 else None
         unit = linear(f"{trt}.attention.qkv", qkv, [q, k, v], act)
         if fp8 is not None:
