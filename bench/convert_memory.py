@@ -87,6 +87,7 @@ def child(mode: str, model: str, out: str, tp: int) -> None:
     from safetensors.torch import load_file, save_file
 
     from steerlm.convert import legacy
+    from steerlm.convert.stream import joined
     from steerlm.convert.trtllm_ckpt import LlamaDims, rank_units
 
     t0 = time.perf_counter()
@@ -113,7 +114,7 @@ def child(mode: str, model: str, out: str, tp: int) -> None:
         ranks: list[dict] = [{} for _ in range(tp)]
         for unit in rank_units(everything.__getitem__, everything.__contains__, dims, tp, torch.float16):
             for r, tensors in enumerate(unit):
-                ranks[r].update(tensors)
+                ranks[r].update((name, joined(t)) for name, t in tensors)
         Path(out).mkdir()
         for r, tensors in enumerate(ranks):
             save_file(tensors, str(Path(out) / f"rank{r}.safetensors"))

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from steerlm.convert.stream import CheckpointReader, StreamingWriter
+from steerlm.convert.stream import CheckpointReader, StreamingWriter, joined
 from steerlm.convert.trtllm_ckpt import (
     DTYPES,
     FP8_MAX,
@@ -211,5 +211,5 @@ def loader_view(checkpoint_dir: str | os.PathLike, tp_size: int) -> tuple[dict, 
     ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
     for unit in units:
         for r, items in enumerate(unit):
-            ranks[r].update(items)
+            ranks[r].update((name, joined(t)) for name, t in items)
     return trtllm_config(dims, tp_size, base, fp8), ranks

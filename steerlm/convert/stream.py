@@ -37,6 +37,24 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+WRITE_BLOCK = 8 << 20  # bytes gathered per write for tensors that are not contiguous in memory
+Tensor = torch.Tensor
+Rows = Sequence[torch.Tensor]  # one tensor given as parts to concatenate along dim 0 (fused q/k/v)
+
+
+def shape_dtype(tensor: Tensor | Rows) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of a tensor, or of the concatenation along dim 0 of row parts of one dtype."""
+    if isinstance(tensor, torch.Tensor):
+        return tuple(tensor.shape), tensor.dtype
+    first = tensor[0]
+    if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in tensor):
+        raise ValueError("row parts differ in dtype or in their trailing dimensions")
+    return (sum(p.shape[0] for p in tensor), *first.shape[1:]), first.dtype
+
+
+def joined(tensor: Tensor | Rows) -> torch.Tensor:
+    """The tensor itself, or its row parts concatenated."""
+    return tensor if isinstance(tensor, torch.Tensor) else torch.cat(list(tensor), dim=0)
 
 
 class StreamingWriter:
@@ -74,28 +92,49 @@ class StreamingWriter:
         self._file = open(self.path, "wb", buffering=0)  # every write is large; no user-space buffer
         self._write_all(memoryview(struct.pack("<Q", len(raw)) + raw))
         self._next = 0
+        self._buffer: torch.Tensor | None = None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: Tensor | Rows) -> None:
+        """Append the next declared tensor; a sequence of tensors stands for their concatenation along dim 0."""
         if self._next >= len(self._layout):
             raise ValueError(f"{self.path}: unexpected tensor {name!r}; all declared tensors are written")
         want_name, want_shape, want_dtype = self._layout[self._next]
         if name != want_name:
             raise ValueError(f"{self.path}: expected tensor {want_name!r} next, got {name!r}")
-        if tuple(tensor.shape) != want_shape or tensor.dtype != want_dtype:
-            raise ValueError(
-                f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
-                f"declared {want_shape} {want_dtype}"
-            )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            span = _source_span(data)
+        shape, dtype = shape_dtype(tensor)
+        if shape != want_shape or dtype != want_dtype:
+            raise ValueError(f"{self.path}: tensor {name!r} is {shape} {dtype}, declared {want_shape} {want_dtype}")
+        for part in [tensor] if isinstance(tensor, torch.Tensor) else tensor:
+            self._write_part(part.detach().to("cpu"))
+        self._next += 1
+
+    def _write_part(self, t: torch.Tensor) -> None:
+        if t.numel() == 0:
+            return
+        if t.is_contiguous():
+            span = _source_span(t)
             if span is not None:
                 # Bytes unchanged from a source file (same dtype, whole tensor or a row shard): the kernel copies
                 # them file to file, as a plain copy does, without mapping them into this process.
-                self._send_all(*span, data.numel() * data.element_size())
+                self._send_all(*span, t.numel() * t.element_size())
             else:
-                self._write_all(memoryview(data.view(torch.uint8).numpy()))
-        self._next += 1
+                self._write_all(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            return
+        if t.dim() < 2:
+            self._write_all(memoryview(t.contiguous().view(torch.uint8).numpy()))
+            return
+        # A column shard: gather a block of rows at a time into one reused buffer, so no shard-sized copy
+        # (and no page faults on fresh memory for it) is made.
+        rows = t.reshape(t.shape[0], -1)
+        row_bytes = rows.shape[1] * t.element_size()
+        step = max(1, WRITE_BLOCK // row_bytes)
+        if self._buffer is None or self._buffer.numel() < step * row_bytes:
+            self._buffer = torch.empty(step * row_bytes, dtype=torch.uint8)
+        for i in range(0, rows.shape[0], step):
+            block = rows[i : i + step]
+            out = self._buffer[: block.numel() * t.element_size()].view(t.dtype).view(block.shape)
+            out.copy_(block)
+            self._write_all(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
 
     def _write_all(self, view: memoryview) -> None:
         while view:
