@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 DTYPE_CODES: dict[torch.dtype, str] = {
@@ -53,8 +54,8 @@ def shape_dtype(tensor: Tensor | Rows) -> tuple[tuple[int, ...], torch.dtype]:
 
 
 def joined(tensor: Tensor | Rows) -> torch.Tensor:
-    """The tensor itself, or its row parts concatenated."""
-    return tensor if isinstance(tensor, torch.Tensor) else torch.cat(list(tensor), dim=0)
+    """The tensor, or its row parts concatenated, contiguous: as a file holds it."""
+    return (tensor if isinstance(tensor, torch.Tensor) else torch.cat(list(tensor), dim=0)).contiguous()
 
 
 class StreamingWriter:
@@ -92,7 +93,7 @@ class StreamingWriter:
         self._file = open(self.path, "wb", buffering=0)  # every write is large; no user-space buffer
         self._write_all(memoryview(struct.pack("<Q", len(raw)) + raw))
         self._next = 0
-        self._buffer: torch.Tensor | None = None
+        self._buffer: np.ndarray | None = None
 
     def write(self, name: str, tensor: Tensor | Rows) -> None:
         """Append the next declared tensor; a sequence of tensors stands for their concatenation along dim 0."""
@@ -120,21 +121,21 @@ class StreamingWriter:
             else:
                 self._write_all(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             return
-        if t.dim() < 2:
-            self._write_all(memoryview(t.contiguous().view(torch.uint8).numpy()))
+        if t.dim() < 2 or t.stride(-1) != 1:
+            self._write_all(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
             return
         # A column shard: gather a block of rows at a time into one reused buffer, so no shard-sized copy
-        # (and no page faults on fresh memory for it) is made.
-        rows = t.reshape(t.shape[0], -1)
-        row_bytes = rows.shape[1] * t.element_size()
-        step = max(1, WRITE_BLOCK // row_bytes)
-        if self._buffer is None or self._buffer.numel() < step * row_bytes:
-            self._buffer = torch.empty(step * row_bytes, dtype=torch.uint8)
+        # (and no page faults on fresh memory for it) is made. numpy copies the bytes on this thread: a memory
+        # copy gains little from torch's thread pool, whose start-up per call dominates on busy cores.
+        rows = t.reshape(t.shape[0], -1).view(torch.uint8).numpy()  # bytes of each row's slice
+        step = max(1, WRITE_BLOCK // rows.shape[1])
+        if self._buffer is None or self._buffer.size < step * rows.shape[1]:
+            self._buffer = np.empty(step * rows.shape[1], dtype=np.uint8)
         for i in range(0, rows.shape[0], step):
             block = rows[i : i + step]
-            out = self._buffer[: block.numel() * t.element_size()].view(t.dtype).view(block.shape)
-            out.copy_(block)
-            self._write_all(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+            out = self._buffer[: block.size].reshape(block.shape)
+            np.copyto(out, block)
+            self._write_all(memoryview(out).cast("B"))
 
     def _write_all(self, view: memoryview) -> None:
         while view:
