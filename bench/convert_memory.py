@@ -34,7 +34,7 @@ from pathlib import Path
 
 import click
 
-from bench.common import command_line, fmt, machine, out_option, ratios, record, repeat, summarize, table
+from bench.common import command_line, fmt, machine, out_option, passive_omp, ratios, record, repeat, summarize, table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ MODES = ("copy", "stream", "hf16", "hf-fp8", "baseline", "imports")
 SHARES = [
     ("copy unchanged bytes file to file (sendfile, as the copy does)", "<built-in method posix.sendfile>", None),
     ("write computed bytes", "<method 'write' of '_io.FileIO' objects>", None),
-    ("gather TP column shards (split along dim 1)", "multiarray.py:copyto", "_write_part"),
+    ("gather TP column shards (split along dim 1)", "stream.py:_write_part", None),
     ("FP8 quantization (float32, divide, clamp, cast)", "<method 'to' of 'torch._C.TensorBase' objects>", "quantize_fp8"),
     ("FP8 quantization (float32, divide, clamp, cast)", "<method 'div_' of 'torch._C.TensorBase' objects>", "quantize_fp8"),
     ("FP8 quantization (float32, divide, clamp, cast)", "<method 'clamp_' of 'torch._C.TensorBase' objects>", "quantize_fp8"),
@@ -235,6 +235,7 @@ def profile_shares(mode: str, model: Path, out: Path, tp: int,
 def main(quick, sizes_gb, tps, repeats, hidden, vocab, baseline_max_gb, threads, child, child_profile, model,
          child_out, out) -> None:
     """Conversion GB/s (vs a plain copy) and peak RSS (vs a load-whole-model converter) by model size and TP."""
+    passive_omp()  # as build/build_engine.py and build/convert_checkpoint.py do; children inherit it
     tp_list = [int(t) for t in tps.split(",")]
     if child:
         if threads:
