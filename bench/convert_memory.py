@@ -25,6 +25,7 @@ profiled once (cProfile), and its time is split into what it was spent on (see `
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -197,6 +198,7 @@ def child(mode: str, model: str, out: str, tp: int, profile: bool) -> None:
 def run_child(mode: str, model: Path, out: Path, tp: int, profile: bool = False,
               threads: int | None = None) -> tuple[float, float, str]:
     """(seconds, peak RSS MiB, stdout) of one conversion in a fresh process; its output is removed afterwards."""
+    os.sync()  # dirty pages left by the previous run are written back now, not during this one
     proc = subprocess.run([sys.executable, "-m", "bench.convert_memory", "--child", mode, "--model", str(model),
                            "--child-out", str(out), "--tp", str(tp)] + (["--child-profile"] if profile else [])
                           + (["--threads", str(threads)] if threads else []),
@@ -261,7 +263,8 @@ def main(quick, sizes_gb, tps, repeats, hidden, vocab, baseline_max_gb, threads,
 
                 def one(r: int, model_dir=model_dir, tp=tp, use=use, nbytes=nbytes, size=size) -> dict[str, float]:
                     figs = {"imports_mib": run_child("imports", model_dir, work / "o", tp)[1]}
-                    for mode in use:
+                    # Each repeat starts with a different mode, so none always runs after another's writes.
+                    for mode in use[r % len(use):] + use[: r % len(use)]:
                         seconds, peak, _ = run_child(mode, model_dir, work / "o", tp, threads=threads)
                         figs[f"{mode}_gbs"] = nbytes / 1e9 / seconds
                         figs[f"{mode}_mib"] = peak
