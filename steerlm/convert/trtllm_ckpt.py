@@ -197,7 +197,7 @@ QUANT_BLOCK = 1 << 20  # elements per float32 block: quantizing a block at a tim
 def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float8_e4m3fn(clamp(w / scale, +-448)), computed in float32 a block of rows at a time."""
     out = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
-    if w.is_meta:
+    if w.is_meta or w.numel() == 0:
         return out
     scale = scale.to(w.device)
     rows, flat = (w, out) if w.dim() > 1 else (w.reshape(1, -1), out.reshape(1, -1))
