@@ -325,6 +325,14 @@ def main(quick, sizes_gb, tps, repeats, hidden, vocab, baseline_max_gb, threads,
         md += (f"\n\n{CONVERTERS[m]} at TP {tp}, {size:g} GB, under {SPEED_TARGET}x copy speed: one profiled run "
                f"({seconds:.1f} s under cProfile), where the time went:\n\n"
                + table(["spent on", "share of the time"], [[what, f"{share:.0%}"] for what, share in shares]))
+    if profiles:
+        md += ("\n\nReading the splits: 'sendfile' is the kernel path the plain copy takes, so time there is time the "
+               "copy would spend on the same bytes; 'write computed bytes' is what the converter had to change (FP8 "
+               "weights, casts, TP column shards) written from memory; both include the page cache's writeback "
+               "stalls, which the copy meets too. FP8 adds float32 arithmetic per weight element (quantization, amax). "
+               "At TP > 1 the legacy checkpoint writes more bytes than it reads (embeddings and norms once per "
+               "rank), and its column shards (attention dense, MLP proj: about a third of each layer) cannot go "
+               "file to file: they are gathered, then written.")
     extra = {"profiles": [{"converter": m, "tp": tp, "size_gb": size, "seconds": seconds, "shares": dict(shares)}
                           for m, tp, size, seconds, shares in profiles]}
     record("convert_memory", command=command_line("bench/convert_memory.py"), info=machine(), metrics=metrics,
