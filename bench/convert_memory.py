@@ -76,6 +76,7 @@ def layers_for(size_bytes: float, hidden: int, vocab: int) -> int:
 
 def make_model(out: Path, hidden: int, layers: int, vocab: int) -> int:
     import torch
+
     from steerlm.convert.stream import StreamingWriter
 
     cfg, shapes = llama_shapes(hidden, layers, vocab)
@@ -307,7 +308,8 @@ def main(quick, sizes_gb, tps, repeats, hidden, vocab, baseline_max_gb, threads,
         shutil.rmtree(work, ignore_errors=True)
     md = (f"## Checkpoint conversion: speed and peak memory\n\n"
           f"Random fp16 Llama checkpoints (width {hidden}, vocab {vocab}); each conversion in its own process "
-          f"({f'{threads} torch thread(s)' if threads else 'torch default threads'}), timed after its imports; median (min-max) over {repeats} repeat(s), each against the copy of the same repeat. "
+          f"({f'{threads} torch thread(s)' if threads else 'torch default threads'}), timed after its imports; "
+          f"median (min-max) over {repeats} repeat(s), each against the copy of the same repeat. "
           f"Streaming converter: fp16 TensorRT-LLM checkpoint, one file per rank (`make engine ENGINE=legacy`). "
           f"HF path: the conversion step of `make engine` (one model.safetensors; fp16 = the source dtype, fp8 = "
           f"ModelOpt FP8 with scales from fixed activation ranges: calibration and the reference check load the "
