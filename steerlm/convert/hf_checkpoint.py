@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from steerlm.convert.stream import CheckpointReader, StreamingWriter
+from steerlm.convert.stream import CheckpointReader, StreamingWriter, joined
 from steerlm.convert.trtllm_ckpt import (
     DTYPES,
     FP8_MAX,
@@ -37,6 +37,7 @@ from steerlm.convert.trtllm_ckpt import (
     quantize_fp8,
     rank_units,
     trtllm_config,
+    weight_scale,
 )
 
 QUANT_CONFIG_FILE = "hf_quant_config.json"
@@ -102,7 +103,7 @@ def hf_tensors(get: Callable[[str], torch.Tensor], has: Callable[[str], bool], d
             if fp8 is None:
                 yield f"{p}.{module}.weight", w.to(dtype)
                 continue
-            scale = (w.float().abs().amax().clamp(min=1e-12) / FP8_MAX).reshape(())
+            scale = weight_scale(w).reshape(())
             yield f"{p}.{module}.weight", quantize_fp8(w, scale)
             yield f"{p}.{module}.weight_scale", scale.to(torch.float32)
             yield f"{p}.{module}.input_scale", _scalar(fp8.act_scale(f"{p}.{module}"))
@@ -210,5 +211,5 @@ def loader_view(checkpoint_dir: str | os.PathLike, tp_size: int) -> tuple[dict, 
     ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
     for unit in units:
         for r, items in enumerate(unit):
-            ranks[r].update(items)
+            ranks[r].update((name, joined(t)) for name, t in items)
     return trtllm_config(dims, tp_size, base, fp8), ranks

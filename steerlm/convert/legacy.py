@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from steerlm.convert.hf_checkpoint import copy_sidecars
-from steerlm.convert.stream import CheckpointReader, StreamingWriter
+from steerlm.convert.stream import CheckpointReader, StreamingWriter, shape_dtype
 from steerlm.convert.trtllm_ckpt import DTYPES, FormatError, Fp8Stats, LlamaDims, check_tp, rank_units, trtllm_config
 from steerlm.files import staged_dir
 
@@ -67,7 +67,7 @@ def convert(
     for unit in rank_units(meta, reader.__contains__, dims, tp_size, torch_dtype, stats):
         n_units += 1
         for r, tensors in enumerate(unit):
-            layouts[r].extend((name, tuple(t.shape), t.dtype) for name, t in tensors)
+            layouts[r].extend((name, *shape_dtype(t)) for name, t in tensors)
 
     with staged_dir(output_dir) as tmp:
         metadata = {"format": "pt", "producer": "steerlm build/convert_checkpoint.py"}

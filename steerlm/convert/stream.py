@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
-from safetensors import safe_open
 
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float32: "F32",
@@ -34,6 +38,24 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+WRITE_BLOCK = 8 << 20  # bytes gathered per write for tensors that are not contiguous in memory
+Tensor = torch.Tensor
+Rows = Sequence[torch.Tensor]  # one tensor given as parts to concatenate along dim 0 (fused q/k/v)
+
+
+def shape_dtype(tensor: Tensor | Rows) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of a tensor, or of the concatenation along dim 0 of row parts of one dtype."""
+    if isinstance(tensor, torch.Tensor):
+        return tuple(tensor.shape), tensor.dtype
+    first = tensor[0]
+    if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in tensor):
+        raise ValueError("row parts differ in dtype or in their trailing dimensions")
+    return (sum(p.shape[0] for p in tensor), *first.shape[1:]), first.dtype
+
+
+def joined(tensor: Tensor | Rows) -> torch.Tensor:
+    """The tensor, or its row parts concatenated, contiguous: as a file holds it."""
+    return (tensor if isinstance(tensor, torch.Tensor) else torch.cat(list(tensor), dim=0)).contiguous()
 
 
 class StreamingWriter:
@@ -68,26 +90,64 @@ class StreamingWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         # Pad the header with spaces so tensor data starts 8-byte aligned, as the reference writer does.
         raw += b" " * (-len(raw) % 8)
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
+        self._file = open(self.path, "wb", buffering=0)  # every write is large; no user-space buffer
+        self._write_all(memoryview(struct.pack("<Q", len(raw)) + raw))
         self._next = 0
+        self._buffer: np.ndarray | None = None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: Tensor | Rows) -> None:
+        """Append the next declared tensor; a sequence of tensors stands for their concatenation along dim 0."""
         if self._next >= len(self._layout):
             raise ValueError(f"{self.path}: unexpected tensor {name!r}; all declared tensors are written")
         want_name, want_shape, want_dtype = self._layout[self._next]
         if name != want_name:
             raise ValueError(f"{self.path}: expected tensor {want_name!r} next, got {name!r}")
-        if tuple(tensor.shape) != want_shape or tensor.dtype != want_dtype:
-            raise ValueError(
-                f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
-                f"declared {want_shape} {want_dtype}"
-            )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+        shape, dtype = shape_dtype(tensor)
+        if shape != want_shape or dtype != want_dtype:
+            raise ValueError(f"{self.path}: tensor {name!r} is {shape} {dtype}, declared {want_shape} {want_dtype}")
+        for part in [tensor] if isinstance(tensor, torch.Tensor) else tensor:
+            self._write_part(part.detach().to("cpu"))
         self._next += 1
+
+    def _write_part(self, t: torch.Tensor) -> None:
+        if t.numel() == 0:
+            return
+        if t.is_contiguous():
+            span = _source_span(t)
+            if span is not None:
+                # Bytes unchanged from a source file (same dtype, whole tensor or a row shard): the kernel copies
+                # them file to file, as a plain copy does, without mapping them into this process.
+                self._send_all(*span, t.numel() * t.element_size())
+            else:
+                self._write_all(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            return
+        if t.dim() < 2 or t.stride(-1) != 1:
+            self._write_all(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            return
+        # A column shard: gather a block of rows at a time into one reused buffer, so no shard-sized copy
+        # (and no page faults on fresh memory for it) is made. numpy copies the bytes on this thread: a memory
+        # copy gains little from torch's thread pool, whose start-up per call dominates on busy cores.
+        rows = t.reshape(t.shape[0], -1).view(torch.uint8).numpy()  # bytes of each row's slice
+        step = max(1, WRITE_BLOCK // rows.shape[1])
+        if self._buffer is None or self._buffer.size < step * rows.shape[1]:
+            self._buffer = np.empty(step * rows.shape[1], dtype=np.uint8)
+        for i in range(0, rows.shape[0], step):
+            block = rows[i : i + step]
+            out = self._buffer[: block.size].reshape(block.shape)
+            np.copyto(out, block)
+            self._write_all(memoryview(out).cast("B"))
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            view = view[self._file.write(view):]
+
+    def _send_all(self, path: Path, offset: int, count: int) -> None:
+        with open(path, "rb", buffering=0) as src:
+            while count:
+                sent = os.sendfile(self._file.fileno(), src.fileno(), offset, count)
+                if sent == 0:
+                    raise ValueError(f"{path}: ends before byte {offset + count} (file changed while converting?)")
+                offset, count = offset + sent, count - sent
 
     def close(self) -> None:
         """Finish the file; raises if any declared tensor was never written."""
@@ -111,6 +171,20 @@ class StreamingWriter:
             self.abort()
 
 
+# Storage address of each tensor `CheckpointReader.get` mapped that is still alive -> (file, offset of its first
+# byte). An entry is removed when its mapping is, so an address reused by a later allocation is never mistaken.
+_MAPPED: dict[int, tuple[Path, int]] = {}
+
+
+def _source_span(t: torch.Tensor) -> tuple[Path, int] | None:
+    """(file, offset) of a contiguous tensor whose bytes lie unchanged in a checkpoint file, else None."""
+    storage = t.untyped_storage()
+    where = _MAPPED.get(storage.data_ptr())
+    if where is None or not t.is_contiguous():
+        return None
+    return where[0], where[1] + t.data_ptr() - storage.data_ptr()
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -119,7 +193,7 @@ class CheckpointReader:
     """Random access to the tensors of a Hugging Face safetensors checkpoint, one tensor at a time.
 
     Handles a single `model.safetensors` and sharded checkpoints described by
-    `model.safetensors.index.json`. Only the requested tensor is materialised.
+    `model.safetensors.index.json`. Headers are read once; `get` maps only the requested tensor's bytes.
     """
 
     def __init__(self, model_dir: str | os.PathLike) -> None:
@@ -127,33 +201,79 @@ class CheckpointReader:
         index = self.model_dir / "model.safetensors.index.json"
         single = self.model_dir / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {name: self.model_dir / fname for name, fname in weight_map.items()}
+            files = sorted({self.model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
         elif single.is_file():
-            with safe_open(single, framework="pt") as f:
-                self._files = {name: single for name in f.keys()}
+            files = [single]
         else:
             raise FileNotFoundError(
                 f"{self.model_dir}: no model.safetensors or model.safetensors.index.json "
                 "(convert .bin checkpoints with save_pretrained(safe_serialization=True) first)"
             )
+        self._entries: dict[str, _Entry] = {}
+        for path in files:
+            self._entries.update(read_header(path))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._files
+        return name in self._entries
 
-    def get(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> "_Entry":
         try:
-            path = self._files[name]
+            return self._entries[name]
         except KeyError:
             raise KeyError(f"{self.model_dir}: checkpoint has no tensor {name!r}") from None
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor, backed by a read-only mapping of its bytes in the file: no copy is made, so a
+        caller must not modify it in place. The mapping lives as long as the tensor does."""
+        e = self._entry(name)
+        if e.nbytes == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        start = e.offset - e.offset % mmap.ALLOCATIONGRANULARITY
+        with open(e.path, "rb") as f:
+            # MAP_POPULATE maps every page at once: faulting them in 4 KiB at a time costs more than the copy.
+            region = mmap.mmap(f.fileno(), e.offset + e.nbytes - start, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                               prot=mmap.PROT_READ, offset=start)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            raw = torch.frombuffer(region, dtype=torch.uint8, count=e.nbytes, offset=e.offset - start)
+        ptr = raw.untyped_storage().data_ptr()
+        _MAPPED[ptr] = (e.path, e.offset)
+        # The tensor's storage holds the mapping; when the last view goes, so do the mapping and this entry.
+        weakref.finalize(region, _MAPPED.pop, ptr, None)
+        return raw.view(e.dtype).reshape(e.shape)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self._files[name], framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+        return self._entry(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        with safe_open(self._files[name], framework="pt") as f:
-            return CODE_DTYPES[f.get_slice(name).get_dtype()]
+        return self._entry(name).dtype
 
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    offset: int  # of the first byte, from the start of the file
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def read_header(path: str | os.PathLike) -> dict[str, _Entry]:
+    """Where each tensor of one safetensors file lies: a little-endian u64 header length, the JSON header,
+    then the data, whose `data_offsets` count from the end of the header."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = CODE_DTYPES[info["dtype"]]
+        except KeyError:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}, not one of "
+                             f"{', '.join(CODE_DTYPES)}") from None
+        begin, end = info["data_offsets"]
+        entries[name] = _Entry(path, 8 + length + begin, end - begin, tuple(info["shape"]), dtype)
+    return entries

@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
+from steerlm.convert.stream import Rows, Tensor
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -175,18 +177,41 @@ class Fp8Stats:
         return cls(dict(d["act_amax"]), {int(k): float(v) for k, v in d["kv_amax"].items()})
 
 
+def abs_max(w: torch.Tensor) -> torch.Tensor:
+    """max |w| as a float32 scalar, without a float32 copy of `w` (min and max are exact in every dtype)."""
+    lo, hi = torch.aminmax(w)
+    return torch.maximum(hi.float(), lo.float().neg())
+
+
 def weight_scale(*weights: torch.Tensor) -> torch.Tensor:
     """Per-tensor FP8 scale amax/448 over the full (unsplit) weights; merged to the max for fused weights."""
-    amax = torch.stack([w.float().abs().amax() for w in weights]).amax()
+    if weights[0].is_meta:  # the layout pass needs only the shape (and meta reductions import half of torch)
+        return torch.empty(1, dtype=torch.float32, device="meta")
+    amax = torch.stack([abs_max(w) for w in weights]).amax()
     return (amax.clamp(min=1e-12) / FP8_MAX).reshape(1)
 
 
+QUANT_BLOCK = 1 << 20  # elements per float32 block: quantizing a block at a time keeps it in cache
+
+
 def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (w.float() / scale.to(w.device)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    """float8_e4m3fn(clamp(w / scale, +-448)), computed in float32 a block of rows at a time."""
+    out = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    if w.is_meta or w.numel() == 0:
+        return out
+    scale = scale.to(w.device)
+    rows, flat = (w, out) if w.dim() > 1 else (w.reshape(1, -1), out.reshape(1, -1))
+    step = max(1, QUANT_BLOCK // max(1, rows[0].numel()))
+    for i in range(0, rows.shape[0], step):
+        # copy=True: w may already be float32 (or a read-only file mapping) and is divided in place here.
+        block = rows[i : i + step].to(torch.float32, copy=True)
+        flat[i : i + step].copy_(block.div_(scale).clamp_(-FP8_MAX, FP8_MAX))
+    return out
 
 
 Getter = Callable[[str], torch.Tensor]
-Unit = list[list[tuple[str, torch.Tensor]]]  # per rank: [(trtllm name, tensor), ...]
+# per rank: [(trtllm name, tensor or row parts), ...]; steerlm.convert.stream.joined makes one tensor of parts
+Unit = list[list[tuple[str, Tensor | Rows]]]
 
 
 def rank_units(
@@ -208,13 +233,17 @@ def rank_units(
         t = tensor.to(dtype)
         return [[(name, t)] for _ in range(tp_size)]
 
-    def linear(prefix: str, shards: list[torch.Tensor], full: list[torch.Tensor], act: torch.Tensor | None) -> Unit:
+    def linear(prefix: str, shards: list[Rows], full: list[torch.Tensor], act: torch.Tensor | None) -> Unit:
+        # Shards stay views (row parts, column slices) of the source: the writer copies them as they are.
+        def one(parts: list[torch.Tensor]) -> Tensor | Rows:
+            return parts[0] if len(parts) == 1 else parts
+
         if fp8 is None:
-            return [[(f"{prefix}.weight", s.to(dtype).contiguous())] for s in shards]
+            return [[(f"{prefix}.weight", one([p.to(dtype) for p in s]))] for s in shards]
         scale = weight_scale(*full)
         return [
             [
-                (f"{prefix}.weight", quantize_fp8(s, scale)),
+                (f"{prefix}.weight", one([quantize_fp8(p, scale) for p in s])),
                 (f"{prefix}.weights_scaling_factor", scale.clone()),
                 (f"{prefix}.activation_scaling_factor", act.clone()),
             ]
@@ -233,7 +262,7 @@ def rank_units(
             kd, vd = dup_kv(k, dims.num_kv_heads, tp_size), dup_kv(v, dims.num_kv_heads, tp_size)
         qs, ks, vs = split(q, tp_size, 0), split(kd, tp_size, 0), split(vd, tp_size, 0)
         assert ks[0].shape[0] == kv_local * dims.head_size
-        qkv = [torch.cat([qs[r], ks[r], vs[r]], dim=0) for r in range(tp_size)]
+        qkv = [[qs[r], ks[r], vs[r]] for r in range(tp_size)]
         act = fp8.act_scale(*(f"{hf}.self_attn.{p}_proj" for p in "qkv")) if fp8 else None
         unit = linear(f"{trt}.attention.qkv", qkv, [q, k, v], act)
         if fp8 is not None:
@@ -243,7 +272,7 @@ def rank_units(
         del q, k, v, kd, vd, qs, ks, vs, qkv
 
         o = get(f"{hf}.self_attn.o_proj.weight")
-        yield linear(f"{trt}.attention.dense", split(o, tp_size, 1), [o],
+        yield linear(f"{trt}.attention.dense", [[s] for s in split(o, tp_size, 1)], [o],
                      fp8.act_scale(f"{hf}.self_attn.o_proj") if fp8 else None)
         del o
         yield replicated(f"{trt}.post_layernorm.weight", get(f"{hf}.post_attention_layernorm.weight"))
@@ -252,10 +281,10 @@ def rank_units(
         mlp_act = fp8.act_scale(f"{hf}.mlp.gate_proj", f"{hf}.mlp.up_proj") if fp8 else None
         for trt_name, hf_name in (("mlp.fc", "gate_proj"), ("mlp.gate", "up_proj")):
             w = get(f"{hf}.mlp.{hf_name}.weight")
-            yield linear(f"{trt}.{trt_name}", split(w, tp_size, 0), [w], mlp_act)
+            yield linear(f"{trt}.{trt_name}", [[s] for s in split(w, tp_size, 0)], [w], mlp_act)
             del w
         d = get(f"{hf}.mlp.down_proj.weight")
-        yield linear(f"{trt}.mlp.proj", split(d, tp_size, 1), [d],
+        yield linear(f"{trt}.mlp.proj", [[s] for s in split(d, tp_size, 1)], [d],
                      fp8.act_scale(f"{hf}.mlp.down_proj") if fp8 else None)
         del d
 
@@ -266,7 +295,7 @@ def rank_units(
     if pad:
         head = torch.nn.functional.pad(head, (0, 0, 0, pad))
     # lm_head stays in the activation dtype even for FP8, as in ModelOpt's exports.
-    yield [[("lm_head.weight", s.contiguous())] for s in split(head, tp_size, 0)]
+    yield [[("lm_head.weight", s)] for s in split(head, tp_size, 0)]
 
 
 def load_config(checkpoint_dir: str | os.PathLike) -> dict:

@@ -153,3 +153,19 @@ def test_tp_sizes_the_heads_cannot_split_are_refused(gqa_model, tmp_path, tp, me
     with pytest.raises(FormatError, match=message):
         convert(gqa_model, tmp_path / "ckpt", tp, "float16", progress=False)
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_blockwise_fp8_quantization_equals_the_one_pass_formula_and_leaves_the_input(dtype, monkeypatch):
+    from steerlm.convert import trtllm_ckpt
+
+    monkeypatch.setattr(trtllm_ckpt, "QUANT_BLOCK", 100)  # many blocks
+    w = (torch.randn(64, 48, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    for x in (w, w[:, 8:24], w[5]):  # whole, column shard, 1-D
+        before = x.clone()
+        scale = trtllm_ckpt.weight_scale(x) / 2  # some values clamp at +-448
+        assert torch.equal(scale, (x.float().abs().amax().clamp(min=1e-12) / trtllm_ckpt.FP8_MAX).reshape(1) / 2)
+        want = (x.float() / scale).clamp(-trtllm_ckpt.FP8_MAX, trtllm_ckpt.FP8_MAX).to(torch.float8_e4m3fn)
+        got = trtllm_ckpt.quantize_fp8(x, scale)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        assert torch.equal(x, before)
