@@ -229,7 +229,10 @@ class Engine:
                     self._waiting.append(item)
             except queue.Empty:
                 pass
-            self._relayout(self._prefill(self._next_prefill()))
+            # The requests stay in _waiting until they are rows, so that pending() counts them throughout.
+            take = self._next_prefill()
+            self._relayout(self._prefill(self._waiting[:take]))
+            del self._waiting[:take]
             if self._rows:
                 try:
                     self._step()
@@ -243,21 +246,20 @@ class Engine:
                 seq.req.report_failure(msg)
         self._rows, self._pads, self._kv = [], [], None
 
-    def _next_prefill(self) -> list[GenerationRequest]:
-        """Waiting requests for one prefill, in arrival order, within the token budget (at least one)."""
-        batch: list[GenerationRequest] = []
-        width = 0
-        while self._waiting:
-            req = self._waiting[0]
+    def _next_prefill(self) -> int:
+        """How many of the first waiting requests the next prefill takes: in arrival order, within the token budget,
+        at least one. Requests that must not be prefilled are dropped from the waiting list here."""
+        take = width = 0
+        while take < len(self._waiting):
+            req = self._waiting[take]
             if not self._admissible(req):
-                self._waiting.pop(0)
+                del self._waiting[take]
                 continue
             wider = max(width, len(req.prompt_ids))
-            if batch and wider * (len(batch) + 1) > self.max_prefill_tokens:
+            if take and wider * (take + 1) > self.max_prefill_tokens:
                 break
-            batch.append(self._waiting.pop(0))
-            width = wider
-        return batch
+            take, width = take + 1, wider
+        return take
 
     def _admissible(self, req: GenerationRequest) -> bool:
         """False (after telling the caller why, unless it cancelled) when `req` must not be prefilled."""
