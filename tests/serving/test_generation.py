@@ -224,6 +224,12 @@ def test_the_token_budget_splits_a_prefill_and_a_longer_prompt_runs_alone(tiny_m
         eng.close()
 
 
+@pytest.mark.parametrize("budget", [0, -5, 1.5, True])
+def test_the_token_budget_must_be_a_positive_integer(tiny_model, budget):
+    with pytest.raises(ValueError, match=f"max_prefill_tokens must be an integer >= 1, got {budget!r}"):
+        Engine(tiny_model, max_prefill_tokens=budget)
+
+
 def test_running_rows_advance_between_prefills_that_the_budget_splits(tiny_model, prompts):
     ids, _ = prompts
     eng = Engine(tiny_model, max_batch_size=4, max_prefill_tokens=len(ids[0]))  # one row per prefill
