@@ -254,6 +254,7 @@ def test_running_rows_advance_between_prefills_that_the_budget_splits(tiny_model
         assert len(joined) == len(joiners)
         for a, b in zip(joined, joined[1:]):
             assert any(kind == "held" for kind, _ in events[a:b]), events  # a decode step between two prefills
+        assert events[-1][0] == "held", events  # they joined while it ran, not after it
     finally:
         eng.close()
 
