@@ -4,15 +4,19 @@ For each model shape (the tiny test model and a ~100M-parameter Llama with rando
 of a fixed length, each generating a fixed number of tokens (no end id, so every request runs to max_tokens):
 - engine, one request at a time (the baseline every ratio divides by);
 - engine with 4, 16, 32 requests in flight (Engine.submit; a new request enters as one leaves);
-- `transformers` generate one prompt at a time, and padded batches of 16 (greedy, min_new_tokens = max).
+- `transformers` generate one prompt at a time, and padded batches of 16 (greedy, min_new_tokens = max);
+- with `--against REV`: the engine of another commit (its steerlm/generation.py, imported next to this one) one
+  at a time and 16 concurrent, right after this engine in every repeat: a before/after ratio for an engine change.
 Throughput is generated tokens per second of wall time. If the larger shape misses its target (>= 4x at 16
-concurrent), a torch.profiler summary of one 16-concurrent run shows where the time goes.
+concurrent), a cProfile summary of the engine thread over one 16-concurrent run shows where the time goes.
 
-    .venv/bin/python -m bench.batching [--quick] [--repeats 3]
+    .venv/bin/python -m bench.batching [--quick] [--repeats 3] [--against main]
 """
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
 import sys
 import tempfile
 import threading
@@ -21,7 +25,19 @@ from pathlib import Path
 
 import click
 
-from bench.common import command_line, fmt, machine, out_option, passive_omp, ratios, record, repeat, summarize, table
+from bench.common import (
+    ROOT,
+    command_line,
+    fmt,
+    machine,
+    out_option,
+    passive_omp,
+    ratios,
+    record,
+    repeat,
+    summarize,
+    table,
+)
 
 CONCURRENCY = (4, 16, 32)
 HF_BATCH = 16
@@ -55,6 +71,20 @@ def prompts_for(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int
     g = torch.Generator().manual_seed(seed)
     # Ids from 4 up: clear of the special tokens of either shape.
     return torch.randint(4, vocab, (n, length), generator=g).tolist()
+
+
+def engine_at(rev: str, tmp: Path):
+    """The module steerlm.generation as of git revision `rev`, imported under a name of its own."""
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:steerlm/generation.py"], capture_output=True,
+                           text=True)
+    if shown.returncode:
+        raise click.BadParameter(f"no steerlm/generation.py at {rev!r}: {shown.stderr.strip()}", param_hint="--against")
+    path = tmp / "generation_against.py"
+    path.write_text(shown.stdout)
+    spec = importlib.util.spec_from_file_location("generation_against", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def engine_throughput(engine, prompts: list[list[int]], max_tokens: int, concurrency: int) -> float:
@@ -152,7 +182,8 @@ def profile_summary(model_dir: Path, prompts, max_tokens: int, concurrency: int,
     return text.getvalue().strip()
 
 
-def bench_shape(shape: str, work: Path, n: int, isl: int, osl: int, repeats: int, log) -> tuple[dict, dict]:
+def bench_shape(shape: str, work: Path, n: int, isl: int, osl: int, repeats: int, log, against=None
+                ) -> tuple[dict, dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -165,13 +196,20 @@ def bench_shape(shape: str, work: Path, n: int, isl: int, osl: int, repeats: int
     prompts = prompts_for(hf.config.vocab_size, n, isl)
     levels = [c for c in CONCURRENCY if c <= n]
     engine = Engine(model_dir, max_batch_size=max(levels))
+    other = against.Engine(model_dir, max_batch_size=max(levels)) if against else None
+    top = 16 if 16 in levels else max(levels)
     try:
-        engine_throughput(engine, prompts[:2], 2, 2)  # warm-up: first calls allocate
+        for eng in (engine, other) if other else (engine,):
+            engine_throughput(eng, prompts[:2], 2, 2)  # warm-up: first calls allocate
 
         def one(r: int) -> dict[str, float]:
             figs = {"engine_c1": engine_throughput(engine, prompts, osl, 1)}
+            if other:
+                figs["against_c1"] = engine_throughput(other, prompts, osl, 1)
             for c in levels:
                 figs[f"engine_c{c}"] = engine_throughput(engine, prompts, osl, c)
+                if other and c == top:
+                    figs[f"against_c{c}"] = engine_throughput(other, prompts, osl, c)
             figs["hf_b1"] = hf_throughput(hf, prompts, osl, 1, pad_id)
             figs[f"hf_b{min(HF_BATCH, n)}"] = hf_throughput(hf, prompts, osl, min(HF_BATCH, n), pad_id)
             log(f"  {shape} repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in figs.items()))
@@ -181,11 +219,19 @@ def bench_shape(shape: str, work: Path, n: int, isl: int, osl: int, repeats: int
         metrics = {}
         base = raw["engine_c1"]
         for name, values in raw.items():
+            if name.startswith("against"):
+                continue
             if name != "engine_c1":
                 metrics[f"{shape}/{name}_vs_engine_c1"] = summarize(ratios(values, base))
             if name.startswith("engine_c") and name != "engine_c1":
                 metrics[f"{shape}/{name}_vs_hf_b1"] = summarize(ratios(values, raw["hf_b1"]))
-        info = {"params_m": params / 1e6, "levels": levels}
+        if other:
+            for c in (1, top):
+                metrics[f"{shape}/engine_c{c}_vs_against_c{c}"] = summarize(ratios(raw[f"engine_c{c}"],
+                                                                                   raw[f"against_c{c}"]))
+            metrics[f"{shape}/against_c{top}_vs_against_c1"] = summarize(ratios(raw[f"against_c{top}"],
+                                                                                raw["against_c1"]))
+        info = {"params_m": params / 1e6, "levels": levels, "top": top}
         key = f"{shape}/engine_c16_vs_engine_c1"
         if shape != "tiny" and key in metrics and metrics[key]["median"] < TARGET:
             log(f"  {shape}: {metrics[key]['median']:.2f}x at 16 concurrent is under the {TARGET}x target; profiling")
@@ -193,6 +239,8 @@ def bench_shape(shape: str, work: Path, n: int, isl: int, osl: int, repeats: int
         return metrics, info
     finally:
         engine.close()
+        if other:
+            other.close()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -202,10 +250,13 @@ def bench_shape(shape: str, work: Path, n: int, isl: int, osl: int, repeats: int
 @click.option("--requests", "n", type=int, default=None, help="Prompts per run (default 32, 16 with --quick).")
 @click.option("--input-len", "isl", type=int, default=32, show_default=True, help="Prompt tokens.")
 @click.option("--output-len", "osl", type=int, default=None, help="Generated tokens per request (default 32, 8 with --quick).")
+@click.option("--against", metavar="REV", default=None,
+              help="Also run the engine of git revision REV (its steerlm/generation.py) one at a time and 16 "
+                   "concurrent, next to this one in every repeat: before/after ratios of an engine change.")
 @click.option("--profile-only", is_flag=True,
               help="Only profile one 16-concurrent run per shape (section batching_profile); no throughput figures.")
 @out_option
-def main(quick, repeats, shapes, n, isl, osl, profile_only, out) -> None:
+def main(quick, repeats, shapes, n, isl, osl, against, profile_only, out) -> None:
     """Throughput of the in-flight batching engine at 1/4/16/32 concurrent vs one at a time and vs HF generate."""
     passive_omp()  # before torch is imported
     import torch
@@ -235,8 +286,9 @@ def main(quick, repeats, shapes, n, isl, osl, profile_only, out) -> None:
         return
     metrics, infos = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp:
+        other = engine_at(against, Path(tmp)) if against else None
         for shape in names:
-            m, info = bench_shape(shape, Path(tmp), n, isl, osl, repeats, lambda s: click.echo(s, err=True))
+            m, info = bench_shape(shape, Path(tmp), n, isl, osl, repeats, lambda s: click.echo(s, err=True), other)
             metrics.update(m)
             infos[shape] = info
     rows = []
@@ -254,6 +306,16 @@ def main(quick, repeats, shapes, n, isl, osl, profile_only, out) -> None:
           + table(["model"] + [f"engine {c} concurrent" for c in levels]
                   + ["HF generate 1 at a time", f"HF generate batch {min(HF_BATCH, n)}", "engine 16 conc. vs HF 1 at a time"],
                   rows))
+    if against:
+        top = infos[names[0]]["top"]
+        md += (f"\n\nThis engine against the engine at `{against}` (its steerlm/generation.py), each run right after "
+               f"the other in every repeat:\n\n"
+               + table(["model", f"this / {against}, 1 at a time", f"this / {against}, {top} concurrent",
+                        f"{against}: {top} concurrent vs 1 at a time", f"this: {top} concurrent vs 1 at a time"],
+                       [[shape, fmt(metrics[f"{shape}/engine_c1_vs_against_c1"]),
+                         fmt(metrics[f"{shape}/engine_c{top}_vs_against_c{top}"]),
+                         fmt(metrics[f"{shape}/against_c{top}_vs_against_c1"]),
+                         fmt(metrics[f"{shape}/engine_c{top}_vs_engine_c1"])] for shape in names]))
     for shape in names:
         if "profile_c16" in infos[shape]:
             md += (f"\n\nTarget >= {TARGET}x at 16 concurrent not met on {shape}; cProfile of the engine thread over one "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 
 import pytest
 import torch
@@ -87,6 +89,16 @@ def test_too_long_request_fails_alone(engine, prompts):
 
 def _submit_all(engine, jobs):
     """Submit (prompt, params) pairs at once; [(tokens, error)] per job."""
+    return _wait(*_submit(engine, jobs))
+
+
+def _wait(out, done):
+    assert all(d.wait(60) for d in done)
+    return out
+
+
+def _submit(engine, jobs):
+    """Submit (prompt, params) pairs at once; what `_wait` turns into [(tokens, error)] per job."""
     out = [None] * len(jobs)
     done = [threading.Event() for _ in jobs]
 
@@ -107,8 +119,7 @@ def _submit_all(engine, jobs):
     for i, (prompt, params) in enumerate(jobs):
         emit, fail = callbacks(i)
         engine.submit(GenerationRequest(prompt, params, emit, fail=fail))
-    assert all(d.wait(60) for d in done)
-    return out
+    return out, done
 
 
 @pytest.mark.parametrize("poison, field", [
@@ -160,6 +171,104 @@ def test_penalties_change_a_greedy_answer_that_repeats(engine, prompts):
         assert penalized != plain, kwargs
         if "repetition_penalty" not in kwargs:  # output-only penalties of 50 forbid any repeat in practice
             assert len(set(penalized)) == len(penalized), kwargs
+
+
+@contextlib.contextmanager
+def _engine_held(engine, prompt, max_tokens=1, events=None):
+    """Hold the engine's thread in a request's first token callback: what is submitted inside the block waits in
+    the queue, and the engine takes all of it at once when the block ends. The holding request streams; its
+    tokens go to `events` as ("held", token)."""
+    held, release = threading.Event(), threading.Event()
+
+    def emit(new, final):
+        if events is not None:
+            events.extend(("held", t) for t in new)
+        held.set()
+        assert release.wait(60)
+
+    engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=max_tokens), emit, stream=True))
+    assert held.wait(60)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def test_prompts_of_different_lengths_prefilled_together_get_their_solo_answers(engine, prompts):
+    ids, _ = prompts
+    assert len({len(p) for p in ids}) == len(ids) == engine.max_batch_size
+    params = SamplingParams(max_tokens=6)  # no end id: every row runs all 6 tokens
+    alone = [engine.generate(p, params) for p in ids]
+    with _engine_held(engine, ids[1]):
+        before = engine.steps
+        pending = _submit(engine, [(p, params) for p in ids])
+    assert _wait(*pending) == [(a, None) for a in alone]
+    assert engine.steps - before == 1 + 5  # one prefill for all four, then five decode steps
+
+
+@pytest.mark.parametrize("budget_rows, forwards", [(2, 2), (0.5, 4)])
+def test_the_token_budget_splits_a_prefill_and_a_longer_prompt_runs_alone(tiny_model, prompts, budget_rows,
+                                                                            forwards):
+    ids, _ = prompts
+    prompt = ids[0]
+    eng = Engine(tiny_model, max_batch_size=4, max_prefill_tokens=int(budget_rows * len(prompt)))
+    try:
+        params = SamplingParams(max_tokens=1)  # a request ends at its prefill: steps count prefill forwards
+        alone = eng.generate(prompt, params)
+        with _engine_held(eng, ids[1]):
+            before = eng.steps
+            pending = _submit(eng, [(prompt, params)] * 4)
+        assert _wait(*pending) == [(alone, None)] * 4
+        assert eng.steps - before == forwards
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("budget", [0, -5, 1.5, True])
+def test_the_token_budget_must_be_a_positive_integer(tiny_model, budget):
+    with pytest.raises(ValueError, match=f"max_prefill_tokens must be an integer >= 1, got {budget!r}"):
+        Engine(tiny_model, max_prefill_tokens=budget)
+
+
+def test_running_rows_advance_between_prefills_that_the_budget_splits(tiny_model, prompts):
+    ids, _ = prompts
+    eng = Engine(tiny_model, max_batch_size=4, max_prefill_tokens=len(ids[0]))  # one row per prefill
+    try:
+        running_alone = eng.generate(ids[1], SamplingParams(max_tokens=8))
+        joiners = [ids[0], ids[2], ids[3]]
+        events = []
+
+        def emitter(i):
+            def emit(new, final):
+                events.append(("joined", i))
+            return emit
+
+        with _engine_held(eng, ids[1], max_tokens=8, events=events):
+            for i, p in enumerate(joiners):
+                eng.submit(GenerationRequest(p, SamplingParams(max_tokens=1), emitter(i)))
+        deadline = time.monotonic() + 60
+        while eng.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [t for kind, t in events if kind == "held"] == running_alone
+        joined = [n for n, (kind, _) in enumerate(events) if kind == "joined"]
+        assert len(joined) == len(joiners)
+        for a, b in zip(joined, joined[1:]):
+            assert any(kind == "held" for kind, _ in events[a:b]), events  # a decode step between two prefills
+        assert events[-1][0] == "held", events  # they joined while it ran, not after it
+    finally:
+        eng.close()
+
+
+def test_a_request_that_breaks_a_shared_prefill_fails_alone(engine, prompts):
+    ids, end_id = prompts
+    params = SamplingParams(max_tokens=5, end_id=end_id)
+    alone = engine.generate(ids[2], params)
+    bad = ids[0][:-1] + [engine.model.config.vocab_size + 7]  # no such token: the embedding lookup fails
+    with _engine_held(engine, ids[1]):
+        pending = _submit(engine, [(ids[2], params), (bad, params), (ids[2], params)])
+    results = _wait(*pending)
+    assert results[1][1] is not None and "index out of range" in results[1][1]
+    assert results[0] == results[2] == (alone, None)
 
 
 def test_cancelled_rows_leave_the_batch_before_the_next_step(engine, prompts):
