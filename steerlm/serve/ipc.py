@@ -213,7 +213,7 @@ class IpcServer:
                 return {"error": f"request id {request_id!r} is already running"}
             self._running[request_id] = sink
         try:
-            self.core.submit(document.encode("utf-8"), signature.encode("ascii", "replace"), sink)
+            self.core.submit(document.encode("utf-8"), signature.encode("ascii", "replace"), sink, request_id)
             while not sink.done.wait(self.poll):
                 if not sink.cancel.is_set() and _closed(conn):
                     sink.cancel.set()  # the asker has gone: free the engine's row at its next step
