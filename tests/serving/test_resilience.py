@@ -27,12 +27,19 @@ def metric(server, name: str) -> float:
     return float(m.group(1))
 
 
+EXPORT_INTERVAL = 0.25  # the generator exports its engine metrics this often (steerlm.serve.generator.Watchdog)
+
+
 def wait_idle(server, timeout: float = 60) -> None:
+    """Return once the engine has no work and its exported counters include everything it did. The metrics
+    are a snapshot up to one export interval old: without the first wait, a request sent just now reads as
+    no work at all."""
+    time.sleep(2 * EXPORT_INTERVAL)
     deadline = time.monotonic() + timeout
     while metric(server, "steerlm_engine_pending") > 0:
         assert time.monotonic() < deadline, "the engine still has work"
         time.sleep(0.1)
-    time.sleep(0.6)  # the exported counters trail the engine by up to 0.25 s
+    time.sleep(2 * EXPORT_INTERVAL)
 
 
 def test_1000_mixed_requests_from_32_clients_none_lost_streamed_equal_whole(server):
