@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import pytest
 
 from steerlm_client.load import run_load
-from tests.serving.test_resilience import LONG, QUESTION, engine_work, grpc_stream
+from tests.serving.test_resilience import LONG, QUESTION, engine_work, start_stream
 
 ATTEMPTS = int(os.environ.get("SOAK_CANCELS", "5"))
 
@@ -85,7 +85,7 @@ def test_cancel_a_grpc_stream(server, attempt):
     state = {}
 
     def start():
-        state["client"], received = grpc_stream(server, f"soak-grpc-{attempt}")
+        state["client"], received = start_stream(server, f"soak-grpc-{attempt}")
         return lambda: len(received)
 
     def cancel():

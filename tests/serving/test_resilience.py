@@ -64,7 +64,7 @@ def wait_for(received: list, n: int = 3, timeout: float = 60) -> None:
         time.sleep(0.002)
 
 
-def grpc_stream(server, request_id: str, max_tokens: int = LONG):
+def start_stream(server, request_id: str, max_tokens: int = LONG):
     """A `steerlm` stream over gRPC: the tritonclient (to stop it) and the errors of the responses so far."""
     import tritonclient.grpc as grpcclient
 
@@ -89,7 +89,7 @@ def test_triton_2_51_does_not_carry_a_cancelled_stream_into_the_running_generato
     the bundled Triton now carries it: update the docs and the soak's expectations."""
 
     def cancel_after_three_responses():
-        client, received = grpc_stream(server, "pinned-stream-cancel")
+        client, received = start_stream(server, "pinned-stream-cancel")
         wait_for(received)
         client.stop_stream(cancel_requests=True)
         client.close()
