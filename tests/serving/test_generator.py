@@ -12,7 +12,7 @@ import time
 import pytest
 
 from steerlm.generation import Engine
-from steerlm.serve.generator import GeneratorCore, Watchdog
+from steerlm.serve.generator import Cancelled, GeneratorCore, Watchdog
 from steerlm.serve.requests import PreparedRequest, RequestBuilder
 from steerlm.spec import load_spec
 from steerlm.tokenize import load_tokenizer
@@ -55,9 +55,13 @@ def engine(tiny_model):
     eng.close()
 
 
+def make_core(engine, tiny_model, **kwargs) -> GeneratorCore:
+    return GeneratorCore(engine, load_tokenizer(tiny_model), load_spec(tiny_model).template.answer_end, KEY, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def core(engine, tiny_model):
-    return GeneratorCore(engine, load_tokenizer(tiny_model), load_spec(tiny_model).template.answer_end, KEY)
+    return make_core(engine, tiny_model, sender_poll=0.0)  # the sink is asked before every step
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +118,57 @@ def test_a_cancelled_client_leaves_the_batch_within_a_few_steps(core, builder, e
     assert engine.pending() == 0
     assert engine.steps - steps_at_cancel <= 3
     assert sink.responses[-1] == (None, True, None)  # the final flag alone
+
+
+def test_each_cancelled_request_is_reported_once_with_its_cost_and_when_it_left(engine, tiny_model, builder):
+    records: list[Cancelled] = []
+    core = make_core(engine, tiny_model, on_cancel=records.append)
+    by_client, by_id = FakeSink(), FakeSink()
+    core.submit(*builder.build(QUESTION, 800, stream=True).to_wire(KEY), by_client, "client-gone")
+    core.submit(*builder.build(QUESTION, 800, stream=True).to_wire(KEY), by_id, "cancelled-by-id")
+    while len(by_client.responses) < 3 or len(by_id.responses) < 3:
+        time.sleep(0.005)
+    asked = time.monotonic()
+    by_client.cancel = True
+    assert core.cancel("cancelled-by-id")
+    by_client.wait(), by_id.wait()
+    done = time.monotonic()
+    assert sorted((r.request_id, r.by) for r in records) == [("cancelled-by-id", "request-id"),
+                                                             ("client-gone", "client")]
+    for record, sink in zip(sorted(records, key=lambda r: r.by), (by_client, by_id)):
+        assert asked <= record.left_at <= done
+        assert len(sink.responses) - 1 <= record.tokens < 800  # one token per streamed piece at most
+    # The line the Triton model logs reads back as the same record, whatever the id's characters.
+    odd = Cancelled('id with "quotes" and spaces', "client", 7, 12.5)
+    assert Cancelled.from_log(f'I1201 model.py:1] "{odd.log_line()}"\nother line') == [odd]
+
+
+class CountingSink(FakeSink):
+    def __init__(self, cancel: bool = False) -> None:
+        super().__init__()
+        self.cancel, self.asked = cancel, 0
+
+    def is_cancelled(self):
+        self.asked += 1
+        return self.cancel
+
+
+def test_the_sender_is_asked_before_the_first_step_then_at_most_once_per_interval(engine, tiny_model, builder):
+    """Through the ensemble Triton 2.51 reports only a cancellation that came before the generator's step was
+    scheduled (docs/serving.md "Cancellation"), and each is_cancelled() is a round trip to the server process."""
+    core = make_core(engine, tiny_model, sender_poll=0.05)
+    gone = CountingSink(cancel=True)
+    steps = engine.steps
+    core.submit(*builder.build(QUESTION, 800, stream=True).to_wire(KEY), gone)
+    assert gone.wait().responses == [(None, True, None)]  # no token generated for it
+    assert engine.steps - steps <= 1
+    running = CountingSink()
+    started = time.monotonic()
+    core.submit(*builder.build(QUESTION, 200, stream=True).to_wire(KEY), running)
+    running.wait()
+    elapsed = time.monotonic() - started
+    assert len(running.responses) > 100  # many steps ...
+    assert 1 <= running.asked <= 2 + elapsed / 0.05  # ... but only one question per interval
 
 
 def test_requests_not_built_by_preprocessing_are_refused(core, builder):

@@ -7,10 +7,12 @@ import re
 import threading
 import time
 import urllib.request
+from typing import Callable
 
 import numpy as np
 import pytest
 
+from steerlm.serve.generator import Cancelled
 from steerlm_client import SteerClient, SteerError
 from steerlm_client.load import run_load
 from tests.serving.grpc_stream import stream_infer
@@ -27,12 +29,73 @@ def metric(server, name: str) -> float:
     return float(m.group(1))
 
 
+EXPORT_INTERVAL = 0.25  # the generator exports its engine metrics this often (steerlm.serve.generator.Watchdog)
+
+
 def wait_idle(server, timeout: float = 60) -> None:
+    """Return once the engine has no work and its exported counters include everything it did. The metrics
+    are a snapshot up to one export interval old: without the first wait, a request sent just now reads as
+    no work at all."""
+    time.sleep(2 * EXPORT_INTERVAL)
     deadline = time.monotonic() + timeout
     while metric(server, "steerlm_engine_pending") > 0:
         assert time.monotonic() < deadline, "the engine still has work"
         time.sleep(0.1)
-    time.sleep(0.6)  # the exported counters trail the engine by up to 0.25 s
+    time.sleep(2 * EXPORT_INTERVAL)
+
+
+def engine_work(server, action: Callable[[], object]) -> tuple[float, list[Cancelled]]:
+    """Tokens the engine sampled while `action()` ran and what followed it, and the cancellations the generator
+    logged meanwhile. Exact: the counter is read with the engine idle before and after."""
+    wait_idle(server)
+    before, log_at = metric(server, "steerlm_engine_tokens_total"), server.log_path.stat().st_size
+    action()
+    wait_idle(server)
+    with open(server.log_path, errors="replace") as log:
+        log.seek(log_at)
+        records = Cancelled.from_log(log.read())
+    return metric(server, "steerlm_engine_tokens_total") - before, records
+
+
+def wait_for(received: list, n: int = 3, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(received) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} responses"
+        time.sleep(0.002)
+
+
+def start_stream(server, request_id: str, max_tokens: int = LONG):
+    """A `steerlm` stream over gRPC: the tritonclient (to stop it) and the errors of the responses so far."""
+    import tritonclient.grpc as grpcclient
+
+    from steerlm_client.client import _grpc_input
+
+    received: list = []
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: received.append(error))
+    inputs = [_grpc_input(grpcclient, k, v) for k, v in
+              dict(text_input=QUESTION, max_tokens=max_tokens, stream=True).items()]
+    client.async_stream_infer("steerlm", inputs, request_id=request_id)
+    return client, received
+
+
+def test_triton_2_51_does_not_carry_a_cancelled_stream_into_the_running_generator(server):
+    """Pins the upstream behaviour docs/serving.md "Cancellation" rests on. The gRPC frontend cancels the request
+    it received, the ensemble's (triton-inference-server/server r24.10 e0f0734d, src/grpc/infer_handler.h
+    IssueRequestCancellation -> TRITONSERVER_InferenceRequestCancel); the ensemble scheduler copies that flag to
+    a step only while scheduling the step (core r24.10 bfec7c61, src/ensemble_scheduler/ensemble_scheduler.cc
+    EnsembleContext::ScheduleSteps), and each request has its own response factory holding the flag
+    (src/infer_request.h Cancel/IsCancelled). So a generator already running never hears of it. If this fails,
+    the bundled Triton now carries it: update the docs and the soak's expectations."""
+
+    def cancel_after_three_responses():
+        client, received = start_stream(server, "pinned-stream-cancel")
+        wait_for(received)
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+    tokens, cancelled = engine_work(server, cancel_after_three_responses)
+    assert cancelled == [] and tokens > LONG / 2
 
 
 def test_1000_mixed_requests_from_32_clients_none_lost_streamed_equal_whole(server):
@@ -72,11 +135,9 @@ def test_a_stop_string_seen_in_text_leaves_the_engine(server):
     client = SteerClient(server.grpc_url)
     answer = client.generate(QUESTION, max_tokens=40)
     stop = answer[10:13]
-    wait_idle(server)
-    before = metric(server, "steerlm_engine_tokens_total")
+    tokens, _ = engine_work(server, lambda: client.generate(QUESTION, max_tokens=LONG, stop_words=[stop]))
     assert client.generate(QUESTION, max_tokens=LONG, stop_words=[stop]) == answer[: answer.index(stop)]
-    wait_idle(server)
-    assert metric(server, "steerlm_engine_tokens_total") - before < 40
+    assert tokens < 40
 
 
 def test_an_oversize_input_is_refused_while_another_request_is_answered(server):

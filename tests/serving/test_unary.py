@@ -7,6 +7,7 @@ over its local socket (steerlm/serve/ipc.py); no second engine copy is loaded.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 from steerlm.serve import TritonServer
 from steerlm.serve.repository import render_repository
 from steerlm_client import SteerClient
+from tests.serving.test_resilience import engine_work
 
 QUESTION = "Where and when did techno music originate?"
 NEMO_NAME = "Llama2-70B-SteerLM-Chat"
@@ -181,3 +183,24 @@ def test_max_output_len_is_accepted_under_export_deploys_name(server):
 def test_a_hostile_raw_prompt_is_refused_with_the_reason(server, prompt, reason):
     with pytest.raises(InferenceServerException, match=reason):
         nemo_query(server, [prompt], 8)
+
+
+def test_triton_2_51_does_not_report_a_unary_callers_cancel_to_generator_whole(server):
+    """Pins why generator_whole does not watch for its caller going away (docs/serving.md "Cancellation").
+    The gRPC frontend cancels the ensemble request (triton-inference-server/server r24.10 e0f0734d,
+    src/grpc/infer_handler.cc and infer_handler.h IssueRequestCancellation); the ensemble copies the flag to
+    a step only when scheduling it (core r24.10 bfec7c61, src/ensemble_scheduler/ensemble_scheduler.cc
+    ScheduleSteps), and a step flagged then is dropped from generator_whole's dynamic-batching queue before it
+    runs (src/scheduler_utils.cc PolicyQueue::ApplyPolicy). So a running generator_whole is never told, and
+    its request generates to the end. If this fails, the bundled Triton now reports it: poll
+    request.is_cancelled() in generator_whole and cancel over the socket."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+
+    def cancel_while_generating():
+        call = client.async_infer("steerlm_whole", _inputs(grpcclient, text_input=QUESTION, max_tokens=800),
+                                  callback=lambda result, error: None)
+        time.sleep(0.2)
+        call.cancel()
+
+    tokens, cancelled = engine_work(server, cancel_while_generating)
+    assert cancelled == [] and tokens == 800

@@ -58,6 +58,8 @@ class Metrics:
                               "Requests in the running batch")
         self.pending = family("steerlm_engine_pending", pb_utils.MetricFamily.GAUGE,
                               "Requests running or waiting to join")
+        self.cancelled = family("steerlm_requests_cancelled_total", pb_utils.MetricFamily.COUNTER,
+                                "Requests the engine dropped because they were cancelled")
         self._seen = (0, 0)
 
     def update(self, engine):
@@ -76,13 +78,19 @@ class TritonPythonModel:
         options = json.loads(params.get("engine_options") or "{}")
         self.engine = create_engine(params.get("generation_engine", "torch"), params.get("engine_dir") or model_dir,
                                     max_batch_size=int(params["max_batch_size"]), **options)
+        self.metrics = metrics = Metrics()
         self.core = GeneratorCore(self.engine, load_tokenizer(model_dir), load_spec(model_dir).template.answer_end,
-                                  load_key(Path(args["model_repository"]).parent))
+                                  load_key(Path(args["model_repository"]).parent), on_cancel=self._cancelled)
         # Whole answers for unary infer() (generator_whole, the NeMo model) come over this local channel.
         self.ipc = IpcServer(self.core, params["ipc_socket"])
-        metrics = Metrics()
         self.watchdog = Watchdog(self.engine, float(params.get("stall_timeout", 120)), self._stalled,
                                  on_tick=metrics.update)
+
+    def _cancelled(self, record):
+        # One line per cancelled request: how it was cancelled, what it had cost, and when its row left the
+        # batch on CLOCK_MONOTONIC (system-wide), so a client on this machine can measure the delay.
+        self.metrics.cancelled.increment(1)
+        pb_utils.Logger.log_info(record.log_line())
 
     @staticmethod
     def _stalled(message):
