@@ -75,6 +75,10 @@ def _raise_stop(*_) -> None:
 @click.option("--repo-dir", type=click.Path(file_okay=False),
               help="Render the model repository here (kept; default: a temporary directory).")
 @click.option("--max-batch-size", default=8, show_default=True, help="Requests generated together at most.")
+@click.option("--max-prefill-tokens", type=click.IntRange(min=1), default=None,
+              help="cpu/torch: padded prompt tokens one prefill forward may hold (requests that arrived together "
+                   "are prefilled together up to this; a longer prompt runs alone) [default: 2048, vLLM's "
+                   "max_num_batched_tokens].")
 @click.option("--max-input-bytes", default=DEFAULT_MAX_INPUT_BYTES, show_default=True,
               help="Largest text input (each of text_input, system, history, attributes, every stop/bad word), "
                    "checked before it is read.")
@@ -90,7 +94,7 @@ def _raise_stop(*_) -> None:
                    "under this name, as NeMo's deploy script takes it (docs/serving.md, NemoQuery).")
 @click.option("--dry-run", is_flag=True, help="Render the repository and print the server command; start nothing.")
 def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port, grpc_port, metrics_port, address,
-         repo_dir, max_batch_size, max_input_bytes, stall_timeout, tritonserver_bin, timeout, api_port,
+         repo_dir, max_batch_size, max_prefill_tokens, max_input_bytes, stall_timeout, tritonserver_bin, timeout, api_port,
          nemo_model_name, dry_run) -> None:
     """Serve a SteerLM model through the Triton ensemble `steerlm` (also `ensemble`; and `reward_model` with
     --reward-model).
@@ -105,7 +109,11 @@ def main(model_dir, reward_model_dir, backend, device, engine_dir, tp, http_port
         raise click.UsageError("--engine-dir and --tp belong to --backend trtllm")
     if backend != "torch" and device is not None:
         raise click.UsageError("--device belongs to --backend torch")
+    if backend == "trtllm" and max_prefill_tokens is not None:
+        raise click.UsageError("--max-prefill-tokens belongs to the cpu and torch backends")
     engine_options = {"tensor_parallel_size": tp} if backend == "trtllm" and tp is not None else {}
+    if max_prefill_tokens is not None:
+        engine_options["max_prefill_tokens"] = max_prefill_tokens
     if backend == "trtllm" and model_dir is not None:
         from steerlm.serve.llmapi import LLMAPIError, preflight, read_layout
 

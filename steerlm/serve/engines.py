@@ -25,10 +25,12 @@ class GenerationEngine(Protocol):
     def close(self) -> None: ...
 
 
-def torch_engine(model_dir: Path, *, max_batch_size: int, device: str = "cpu", **_: Any) -> GenerationEngine:
-    from steerlm.generation import Engine
+def torch_engine(model_dir: Path, *, max_batch_size: int, device: str = "cpu", max_prefill_tokens: int | None = None,
+                 **_: Any) -> GenerationEngine:
+    from steerlm.generation import PREFILL_TOKENS, Engine
 
-    return Engine(model_dir, max_batch_size=max_batch_size, device=device)
+    return Engine(model_dir, max_batch_size=max_batch_size, device=device,
+                  max_prefill_tokens=max_prefill_tokens or PREFILL_TOKENS)
 
 
 def create_engine(name: str, model_dir: str | Path, *, max_batch_size: int, **options: Any) -> GenerationEngine:
