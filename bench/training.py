@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -122,6 +123,7 @@ def hf_rm(model_dir: str, data: str, out: str, hp: dict) -> None:
     from steer_train.rm import MISSING
     from steerlm.reward import RewardModel, pad_batch, save_reward_model
 
+    torch.manual_seed(hp["seed"])  # the new head's initial weights, as steer_train rm seeds them
     rows, spec, inner = rm_rows(model_dir, data)
     inner.train()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -274,6 +276,9 @@ def prepare(work: Path, quick: bool) -> tuple[Path, Path, Path]:
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--rm-batch", type=int, default=8, show_default=True, help="Rated turns per RM step (both runs).")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads of every training child (OMP_NUM_THREADS; default: torch's own choice). On a "
+                   "machine shared with other work, 1 keeps a descheduled worker thread from stalling the rest.")
 @click.option("--child", type=click.Choice(["hf-sft", "hf-rm", "steer-train", "steer-train-profile", "hf-sft-profile"]),
               hidden=True)
 @click.option("--model", hidden=True)
@@ -282,7 +287,7 @@ def prepare(work: Path, quick: bool) -> tuple[Path, Path, Path]:
 @click.option("--hp", hidden=True)
 @click.argument("argv", nargs=-1)
 @out_option
-def main(quick, repeats, seq_len, epochs, lr, rm_batch, child, model, data, run_out, hp, argv, out) -> None:
+def main(quick, repeats, seq_len, epochs, lr, rm_batch, threads, child, model, data, run_out, hp, argv, out) -> None:
     """steer_train sft / rm tokens/s and held-out loss against transformers Trainer; SFT packing efficiency."""
     if child:
         preimport()
@@ -302,6 +307,8 @@ def main(quick, repeats, seq_len, epochs, lr, rm_batch, child, model, data, run_
     from steer_train.sft import pack
 
     repeats = repeats or (1 if quick else 3)
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by every child, both sides alike
     py = sys.executable
     child = [py, "-m", "bench.training", "--child"]
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
@@ -383,7 +390,8 @@ def main(quick, repeats, seq_len, epochs, lr, rm_batch, child, model, data, run_
           f"conversations ({math.ceil(len(samples) / hp_['hf_batch'])} steps); RM batch {rm_batch} both. "
           "tokens/s = real (non-pad) tokens x epochs / seconds, the same count for both sides. Training loop: "
           "steer_train's logged loop time against the `trainer.train()` call; whole command: after the imports, "
-          f"data, load, train, save. Median (min-max) over {repeats} repeat(s), each repeat running every side "
+          f"data, load, train, save. Torch threads per run: {threads or 'torch default'}. Median (min-max) over "
+          f"{repeats} repeat(s), each repeat running every side "
           "one after the other. Held-out: SFT token-mean CE on the answer tokens, RM masked MSE, same function "
           "for both.\n\n"
           + table(["run", "training loop tokens/s vs Trainer", "loop tokens/s (this machine)",
