@@ -4,8 +4,10 @@ Same model (a small random Llama with a tokenizer trained on the data), same dat
 conversations), same tokenization and loss masking, same sequence length, optimizer (AdamW, weight decay 0),
 peak LR, warm-up, cosine decay to 0.1 x LR, gradient clipping and epochs. Each run is a child process; after the
 heavy imports (torch, transformers, matplotlib) it times the command from reading the data to the saved
-checkpoint (`python -m steer_train sft|rm` is invoked in-process through its click entry point);
-tokens/s = non-pad tokens of the epochs / that time. Final loss is measured afterwards by one function on the held-out split for both.
+checkpoint (`python -m steer_train sft|rm` is invoked in-process through its click entry point), and within it
+the training loop (steer_train: its own `train_seconds` in metrics.jsonl, first to last optimizer step;
+Trainer: the `trainer.train()` call). tokens/s = real (non-pad) tokens of the conversations x epochs / time,
+the same count for both sides. Final loss is measured afterwards by one function on the held-out split for both.
 - SFT: `python -m steer_train sft` (packed blocks of --seq-len) against Trainer on padded batches of whole
   conversations (what one would write with the library), with about as many conversations per step.
 - RM: `python -m steer_train rm` against Trainer on the same RewardModel (backbone + head, masked MSE).
@@ -17,6 +19,8 @@ Packing efficiency is the share of non-pad tokens in the SFT blocks.
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import subprocess
 import sys
@@ -68,6 +72,12 @@ def rm_rows(model_dir: str, data: str):
 # ---------------------------------------------------------------- Trainer children
 
 
+def timed_train(trainer) -> None:
+    t0 = time.perf_counter()
+    trainer.train()
+    print(f"BENCH_TRAIN_SECONDS {time.perf_counter() - t0:.3f}")
+
+
 def _trainer_args(out: str, hp: dict, batch: int, **kw):
     from transformers import TrainingArguments
 
@@ -101,7 +111,7 @@ def hf_sft(model_dir: str, data: str, out: str, hp: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = Trainer(model=model, args=_trainer_args(out, hp, hp["hf_batch"]), train_dataset=samples,
                       data_collator=collate)
-    trainer.train()
+    timed_train(trainer)
     trainer.save_model(out)
     tok.save_pretrained(out)
 
@@ -113,6 +123,7 @@ def hf_rm(model_dir: str, data: str, out: str, hp: dict) -> None:
     from steer_train.rm import MISSING
     from steerlm.reward import RewardModel, pad_batch, save_reward_model
 
+    torch.manual_seed(hp["seed"])  # the new head's initial weights, as steer_train rm seeds them
     rows, spec, inner = rm_rows(model_dir, data)
     inner.train()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -132,12 +143,12 @@ def hf_rm(model_dir: str, data: str, out: str, hp: dict) -> None:
         ids, mask = pad_batch([r[0] for r in batch], pad)
         return {"input_ids": ids, "attention_mask": mask, "targets": torch.tensor([r[1] for r in batch])}
 
-    # The same two learning rates as steer_train rm: the new head at 10x.
+    # The same two learning rates as steer_train rm: the new head at 10x; fused, as Trainer's default optimizer.
     opt = torch.optim.AdamW([{"params": inner.backbone.parameters(), "lr": hp["lr"]},
-                             {"params": inner.head.parameters(), "lr": hp["lr"] * 10}], weight_decay=0.0)
+                             {"params": inner.head.parameters(), "lr": hp["lr"] * 10}], weight_decay=0.0, fused=True)
     trainer = Trainer(model=WithLoss(inner), args=_trainer_args(out, hp, hp["rm_batch"]), train_dataset=rows,
                       data_collator=collate, optimizers=(opt, None))
-    trainer.train()
+    timed_train(trainer)
     save_reward_model(out, inner.cpu(), tok, spec, hp["seq_len"])
 
 
@@ -175,14 +186,25 @@ def torch_profile(fn, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def run_timed(cmd: list[str]) -> float:
-    """Seconds the child reported for its timed part (its last line: `BENCH_SECONDS x`)."""
-    return float(_run_child(cmd).split("BENCH_SECONDS ")[-1].split()[0])
+def run_timed(cmd: list[str]) -> tuple[float, float]:
+    """Seconds the child reported for the whole command (`BENCH_SECONDS x`) and its training loop
+    (`BENCH_TRAIN_SECONDS x`)."""
+    out = _run_child(cmd)
+    return tuple(float(out.split(f"{key} ")[-1].split()[0]) for key in ("BENCH_SECONDS", "BENCH_TRAIN_SECONDS"))
 
 
 def run_profiled(cmd: list[str]) -> str:
     out = _run_child(cmd)
     return out.split("PROFILE_BEGIN\n", 1)[1].split("\nPROFILE_END", 1)[0]
+
+
+def steer_train_loop_seconds(argv: list[str]) -> float:
+    """The training loop's wall time, which steer_train logs as the last record of OUT/metrics.jsonl."""
+    out = Path(argv[argv.index("--out") + 1])
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    if last.get("event") != "end":
+        raise RuntimeError(f"{out}/metrics.jsonl does not end with the loop's time: {last}")
+    return last["train_seconds"]
 
 
 def _run_child(cmd: list[str]) -> str:
@@ -229,8 +251,8 @@ def heldout_rm_mse(model_dir: str, data: str) -> float:
 
 
 def prepare(work: Path, quick: bool) -> tuple[Path, Path, Path]:
+    from steer_eval.demo_data import build_demo_data, corpus_texts
     from steer_train.data import load_jsonl
-    from steer_train.demo_data import build_demo_data, corpus_texts
     from steer_train.tiny import init_tiny
     from steerlm.spec import SteerSpec
 
@@ -254,22 +276,30 @@ def prepare(work: Path, quick: bool) -> tuple[Path, Path, Path]:
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--rm-batch", type=int, default=8, show_default=True, help="Rated turns per RM step (both runs).")
-@click.option("--child", type=click.Choice(["hf-sft", "hf-rm", "steer-train", "steer-train-profile"]), hidden=True)
+@click.option("--threads", type=int, default=None,
+              help="Torch threads of every training child (OMP_NUM_THREADS; default: torch's own choice). On a "
+                   "machine shared with other work, 1 keeps a descheduled worker thread from stalling the rest.")
+@click.option("--child", type=click.Choice(["hf-sft", "hf-rm", "steer-train", "steer-train-profile", "hf-sft-profile"]),
+              hidden=True)
 @click.option("--model", hidden=True)
 @click.option("--data", hidden=True)
 @click.option("--run-out", hidden=True)
 @click.option("--hp", hidden=True)
 @click.argument("argv", nargs=-1)
 @out_option
-def main(quick, repeats, seq_len, epochs, lr, rm_batch, child, model, data, run_out, hp, argv, out) -> None:
+def main(quick, repeats, seq_len, epochs, lr, rm_batch, threads, child, model, data, run_out, hp, argv, out) -> None:
     """steer_train sft / rm tokens/s and held-out loss against transformers Trainer; SFT packing efficiency."""
     if child:
         preimport()
         t0 = time.perf_counter()
         if child == "steer-train":
             steer_train_cli(list(argv))
+            print(f"BENCH_TRAIN_SECONDS {steer_train_loop_seconds(list(argv)):.3f}")
         elif child == "steer-train-profile":
             print("PROFILE_BEGIN\n" + torch_profile(lambda: steer_train_cli(list(argv))) + "\nPROFILE_END")
+        elif child == "hf-sft-profile":
+            print("PROFILE_BEGIN\n" + torch_profile(lambda: hf_sft(model, data, run_out, json.loads(hp)))
+                  + "\nPROFILE_END")
         else:
             {"hf-sft": hf_sft, "hf-rm": hf_rm}[child](model, data, run_out, json.loads(hp))
         print(f"BENCH_SECONDS {time.perf_counter() - t0:.3f}")
@@ -277,6 +307,8 @@ def main(quick, repeats, seq_len, epochs, lr, rm_batch, child, model, data, run_
     from steer_train.sft import pack
 
     repeats = repeats or (1 if quick else 3)
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by every child, both sides alike
     py = sys.executable
     child = [py, "-m", "bench.training", "--child"]
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
@@ -298,34 +330,40 @@ def main(quick, repeats, seq_len, epochs, lr, rm_batch, child, model, data, run_
 
         def one(r: int) -> dict[str, float]:
             d = work / f"r{r}"
-            figs = {
-                "sft_s": run_timed([*child, "steer-train", "--", "sft", "--model", str(base), "--data", str(train),
-                                    "--out", str(d / "sft"), "--seq-len", str(seq_len), *common]),
-                "hf_sft_s": run_timed([*child, "hf-sft", "--model", str(base), "--data", str(train),
-                                       "--run-out", str(d / "hf-sft"), "--hp", json.dumps(hp_)]),
-                "rm_s": run_timed([*child, "steer-train", "--", "rm", "--model", str(base), "--data", str(train),
-                                   "--out", str(d / "rm"), "--max-length", str(seq_len), "--batch-size",
-                                   str(rm_batch), *common]),
-                "hf_rm_s": run_timed([*child, "hf-rm", "--model", str(base), "--data", str(train),
-                                      "--run-out", str(d / "hf-rm"), "--hp", json.dumps(hp_)]),
+            runs = {
+                "sft": [*child, "steer-train", "--", "sft", "--model", str(base), "--data", str(train),
+                        "--out", str(d / "sft"), "--seq-len", str(seq_len), *common],
+                "hf_sft": [*child, "hf-sft", "--model", str(base), "--data", str(train),
+                           "--run-out", str(d / "hf-sft"), "--hp", json.dumps(hp_)],
+                "rm": [*child, "steer-train", "--", "rm", "--model", str(base), "--data", str(train),
+                       "--out", str(d / "rm"), "--max-length", str(seq_len), "--batch-size", str(rm_batch), *common],
+                "hf_rm": [*child, "hf-rm", "--model", str(base), "--data", str(train),
+                          "--run-out", str(d / "hf-rm"), "--hp", json.dumps(hp_)],
             }
+            figs = {}
+            for name, cmd in runs.items():
+                figs[f"{name}_s"], figs[f"{name}_loop_s"] = run_timed(cmd)
             for name, path in (("sft", d / "sft"), ("hf_sft", d / "hf-sft")):
                 losses.setdefault(name, []).append(heldout_sft_loss(str(path), val_samples))
             for name, path in (("rm", d / "rm"), ("hf_rm", d / "hf-rm")):
                 losses.setdefault(name, []).append(heldout_rm_mse(str(path), str(val)))
-            click.echo(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v:.1f}" for k, v in figs.items())
+            click.echo(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v:.2f}" for k, v in figs.items())
                        + "; held-out " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in losses.items()), err=True)
             return figs
 
         raw = repeat(one, repeats)
-        profile = None
-        if statistics.median(ratios(raw["hf_sft_s"], raw["sft_s"])) < SFT_TARGET:
-            click.echo(f"  steer_train sft under {SFT_TARGET}x Trainer; profiling one run", err=True)
-            profile = run_profiled([*child, "steer-train-profile", "--", "sft", "--model", str(base),
-                                    "--data", str(train), "--out", str(work / "profile"), "--seq-len", str(seq_len),
-                                    *common])
+        profiles = {}
+        if statistics.median(ratios(raw["hf_sft_loop_s"], raw["sft_loop_s"])) < SFT_TARGET:
+            click.echo(f"  steer_train sft under {SFT_TARGET}x Trainer; profiling one run of each", err=True)
+            profiles["steer_train sft"] = run_profiled(
+                [*child, "steer-train-profile", "--", "sft", "--model", str(base), "--data", str(train),
+                 "--out", str(work / "profile"), "--seq-len", str(seq_len), *common])
+            profiles["Trainer"] = run_profiled([*child, "hf-sft-profile", "--model", str(base), "--data", str(train),
+                                                "--run-out", str(work / "hf-profile"), "--hp", json.dumps(hp_)])
+    # tokens/s ratio = inverse time ratio: both sides process the same real tokens.
     metrics = {
-        # tokens/s ratio = inverse time ratio: both process the same tokens.
+        "sft_train_tokens_per_s_vs_trainer": summarize(ratios(raw["hf_sft_loop_s"], raw["sft_loop_s"])),
+        "rm_train_tokens_per_s_vs_trainer": summarize(ratios(raw["hf_rm_loop_s"], raw["rm_loop_s"])),
         "sft_tokens_per_s_vs_trainer": summarize(ratios(raw["hf_sft_s"], raw["sft_s"])),
         "rm_tokens_per_s_vs_trainer": summarize(ratios(raw["hf_rm_s"], raw["rm_s"])),
         "sft_heldout_loss_vs_trainer": summarize(ratios(losses["sft"], losses["hf_sft"]), better="lower"),
@@ -333,29 +371,40 @@ def main(quick, repeats, seq_len, epochs, lr, rm_batch, child, model, data, run_
         "sft_packing_efficiency": summarize([packing], unit="share"),
     }
     loss = {k: summarize(v, unit="loss", better="lower") for k, v in losses.items()}
-    sft_tps = [epochs * tokens / s for s in raw["sft_s"]]
-    rm_tps = [epochs * rm_tokens / s for s in raw["rm_s"]]
+
+    def tps(n_tokens: int, seconds: list[float]) -> str:
+        return f"{summarize([epochs * n_tokens / s for s in seconds])['median']:.0f}"
+
     rows_md = [
-        ["SFT (`steer_train sft`, packed)", fmt(metrics["sft_tokens_per_s_vs_trainer"]), f"{summarize(sft_tps)['median']:.0f}",
+        ["SFT (`steer_train sft`, packed)", fmt(metrics["sft_train_tokens_per_s_vs_trainer"]),
+         tps(tokens, raw["sft_loop_s"]), fmt(metrics["sft_tokens_per_s_vs_trainer"]), tps(tokens, raw["sft_s"]),
          fmt(loss["sft"], 4), fmt(loss["hf_sft"], 4), fmt(metrics["sft_heldout_loss_vs_trainer"], 3)],
-        ["RM (`steer_train rm`)", fmt(metrics["rm_tokens_per_s_vs_trainer"]), f"{summarize(rm_tps)['median']:.0f}",
+        ["RM (`steer_train rm`)", fmt(metrics["rm_train_tokens_per_s_vs_trainer"]), tps(rm_tokens, raw["rm_loop_s"]),
+         fmt(metrics["rm_tokens_per_s_vs_trainer"]), tps(rm_tokens, raw["rm_s"]),
          fmt(loss["rm"], 4), fmt(loss["hf_rm"], 4), fmt(metrics["rm_heldout_mse_vs_trainer"], 3)],
     ]
     md = (f"## Training (steer_train sft / rm vs transformers Trainer, CPU)\n\n"
-          f"{len(samples)} conversations ({tokens} tokens, {len(rows)} rated turns), seq len {seq_len}, {epochs:g} epoch(s), "
-          f"LR {lr:g}, warm-up 5, cosine to 0.1x, clip 1.0; Trainer SFT batch {hp_['hf_batch']} padded conversations "
-          f"(~ conversations per packed block), RM batch {rm_batch} both. Timed in each child after the imports: "
-          f"data, load, train, save; median (min-max) over {repeats} repeat(s). Held-out: SFT token-mean CE on the answer tokens, "
-          "RM masked MSE, same function for both.\n\n"
-          + table(["run", "tokens/s vs Trainer", "tokens/s (this machine)", "held-out loss", "Trainer held-out loss",
+          f"{len(samples)} conversations ({tokens} real tokens, {len(rows)} rated turns), seq len {seq_len}, "
+          f"{epochs:g} epoch(s), LR {lr:g}, warm-up 5, cosine to 0.1x, clip 1.0, fused AdamW both; SFT: "
+          f"{len(blocks)} packed blocks, one per step, against Trainer batches of {hp_['hf_batch']} padded "
+          f"conversations ({math.ceil(len(samples) / hp_['hf_batch'])} steps); RM batch {rm_batch} both. "
+          "tokens/s = real (non-pad) tokens x epochs / seconds, the same count for both sides. Training loop: "
+          "steer_train's logged loop time against the `trainer.train()` call; whole command: after the imports, "
+          f"data, load, train, save. Torch threads per run: {threads or 'torch default'}. Median (min-max) over "
+          f"{repeats} repeat(s), each repeat running every side "
+          "one after the other. Held-out: SFT token-mean CE on the answer tokens, RM masked MSE, same function "
+          "for both.\n\n"
+          + table(["run", "training loop tokens/s vs Trainer", "loop tokens/s (this machine)",
+                   "whole command vs Trainer", "command tokens/s", "held-out loss", "Trainer held-out loss",
                    "loss ratio"], rows_md)
-          + f"\n\nPacking efficiency (non-pad share of SFT blocks): {packing:.3f} ({len(blocks)} blocks, "
-            f"{truncated} truncated; target >= {PACKING_TARGET}). Target SFT tokens/s >= {SFT_TARGET}x Trainer at equal loss.")
-    if profile:
-        md += (f"\n\n`steer_train sft` is under {SFT_TARGET}x the Trainer; torch.profiler over one run, top operators by "
-               f"self CPU time:\n\n```\n{profile}\n```")
+          + f"\n\nPacking efficiency (non-pad share of SFT blocks): {packing:.3f} ({len(blocks)} blocks of {seq_len}, "
+            f"{truncated} truncated; target >= {PACKING_TARGET}). Target SFT training tokens/s >= {SFT_TARGET}x "
+            "Trainer at equal loss.")
+    for name, prof in profiles.items():
+        md += (f"\n\n`steer_train sft` is under {SFT_TARGET}x the Trainer; torch.profiler over one {name} run, "
+               f"top operators by self CPU time:\n\n```\n{prof}\n```")
     record("training", command=command_line("bench/training.py"), info=machine(), metrics=metrics, markdown=md,
-           extra={"heldout": loss, "tokens": tokens, "blocks": len(blocks), "hp": hp_}, out=out)
+           extra={"heldout": loss, "tokens": tokens, "blocks": len(blocks), "hp": hp_, "seconds": raw}, out=out)
 
 
 if __name__ == "__main__":

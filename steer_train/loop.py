@@ -77,5 +77,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
+def adamw(groups: list[dict], **defaults) -> torch.optim.AdamW:
+    """AdamW with one fused kernel over all parameters, as the `transformers` Trainer's default optimizer
+    (`adamw_torch_fused`); torch's default on CPU is a loop of small ops per parameter."""
+    return torch.optim.AdamW(groups, fused=True, **defaults)
+
+
 def autocast(d: Dist, bf16: bool) -> contextlib.AbstractContextManager:
     return torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

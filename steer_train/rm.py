@@ -23,6 +23,7 @@ from steer_train.config import RMConfig
 from steer_train.control_tokens import add_control_tokens, describe
 from steer_train.data import Conversation, load_jsonl
 from steer_train.loop import (
+    adamw,
     all_sum,
     autocast,
     barrier,
@@ -133,11 +134,8 @@ def train(cfg: RMConfig) -> Path:
 
     head_lr = cfg.head_lr if cfg.head_lr is not None else cfg.lr * 10
     net = parallel.wrap(model, d, mode, bf16)
-    opt = torch.optim.AdamW(
-        [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.lr},
-         {"params": model.head.parameters(), "lr": head_lr}],
-        weight_decay=cfg.weight_decay,
-    )
+    opt = adamw([{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.lr},
+                 {"params": model.head.parameters(), "lr": head_lr}], weight_decay=cfg.weight_decay)
     warmup = min(cfg.warmup, total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total, warmup, cfg.min_lr_ratio))
     start, metrics = parallel.resume_run(cfg, mode, model, opt, sched, d, total, samples=len(encoded), pooling=pooling)
@@ -145,6 +143,7 @@ def train(cfg: RMConfig) -> Path:
     saves = SaveSchedule(cfg.save_every, cfg.save_minutes, d)
     bar = tqdm(total=total, initial=start, desc="rm", disable=not (cfg.progress and d.main), dynamic_ncols=True)
     order, order_epoch = [], -1
+    loop_start = time.perf_counter()
     for step in range(start, total):
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
@@ -185,6 +184,7 @@ def train(cfg: RMConfig) -> Path:
         if saves.due(step + 1, total):
             parallel.save(out, step + 1, mode, model, opt, sched, d, cfg.keep)
     bar.close()
+    metrics.log(event="end", step=total, train_seconds=time.perf_counter() - loop_start)
 
     final = parallel.gathered(model, unsharded_skeleton, d) if mode == "fsdp" else model
     if d.main:

@@ -67,7 +67,7 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model):
     with torch.no_grad():
         packed = sft.forward_logits(model, batch, model)[0]
         at = 0
-        for ids, _ in samples:
+        for ids, _ in blocks[0]:
             alone = model(torch.tensor([ids])).logits[0]
             assert torch.allclose(packed[at : at + len(ids)], alone, atol=1e-4)
             at += len(ids)
