@@ -150,7 +150,7 @@ $(BENCH_VENV)/.installed: requirements-aiperf.txt
 
 bench: $(BENCH_STAMP) $(BENCH_VENV)/.installed
 	$(PY) -m bench.serving --output-len 32 $(BENCH_TO)
-	$(PY) -m bench.batching --requests 32 --output-len 8 $(BENCH_TO)
+	$(PY) -m bench.batching --requests 32 --output-len 16 $(BENCH_TO)
 	$(PY) -m bench.convert_memory --sizes-gb 1,2,4 --tp 1,4 --repeats 2 --baseline-max-gb 2 $(BENCH_TO)
 	$(PY) -m bench.training --quick --repeats 3 $(BENCH_TO)
 
