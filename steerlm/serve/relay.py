@@ -60,8 +60,14 @@ class Relay:
             sender.send(None, final=True, error=f"bad request: {exc}")
             return
         try:
-            stream = self.connect().stream(document, signature, request_id)
+            client = self.connect()
         except IpcError as exc:
+            sender.send(None, final=True, error=f"generation unavailable: {exc}")
+            return
+        try:
+            stream = client.stream(document, signature, request_id)
+        except IpcError as exc:
+            client.close()
             sender.send(None, final=True, error=f"generation unavailable: {exc}")
             return
         thread = threading.Thread(target=self._pump, args=(stream, sender), name="steerlm-relay", daemon=True)
