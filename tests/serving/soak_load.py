@@ -313,7 +313,7 @@ def test_reference_cancel_reaches_a_directly_called_decoupled_model(probe, kind,
         assert time.monotonic() < deadline, "the directly called model never saw the cancel"
         time.sleep(0.05)
     outcome = Outcome(records[0].tokens, count, (records[0].left_at - asked) * 1000)
-    MEASURED[f"reference, no ensemble: {kind}"].append(outcome)
+    MEASURED[f"reference, bare model: {kind}"].append(outcome)
     print(f"reference {kind}: cancel seen {outcome.latency_ms:.0f} ms; {outcome.after} responses after it")
 
 
