@@ -170,21 +170,21 @@ class GeneratorCore:
     def __init__(self, engine, tokenizer, trailer: str, key: bytes,
                  on_cancel: Callable[[Cancelled], None] | None = None, sender_poll: float = 0.05) -> None:
         """`on_cancel` is called once per cancelled request, on the engine's thread. `sender_poll`: how often
-        a running request asks its sink `is_cancelled()` (the first time before its first step). Triton's
-        python backend answers that with a round trip to the server process (~60 us measured on 2 shared
-        cores, ~9% of the engine thread at 16 rows when asked every step), and through the ensemble Triton
-        2.51 only ever reports a cancellation that came before the step started, so every step is wasteful.
-        Cancels by request id (`cancel`) are still seen at the next step."""
+        a running request asks its sink `is_cancelled()` (the first time before its first step), for sinks
+        whose question is costly (a Triton response sender: a round trip to the server process, ~60 us on 2
+        shared cores, ~9% of the engine thread at 16 rows when asked every step). The local channel's sinks
+        are cancelled through `Job.cancel` instead, and cancels by request id (`cancel`); both are seen at the
+        next step."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.trailer = trailer
         self.key = key
         self.on_cancel = on_cancel
         self.sender_poll = sender_poll
-        # Running requests by their Triton request id, for `cancel` (Triton 2.51 does not carry a client's
-        # cancellation into a running ensemble step, docs/serving.md "Cancellation").
+        # Running requests by their Triton request id, for `cancel` (the OpenAI/NeMo API cancels its requests
+        # by id as soon as its client hangs up, docs/serving.md "Cancellation").
         self._by_id: dict[str, list[Job]] = {}
-        # Cancels that came before their request (still in preprocessing): id -> until when it is refused.
+        # Cancels that came before their request (still being tokenized): id -> until when it is refused.
         self._early: dict[str, float] = {}
         self._lock = threading.Lock()
 

@@ -288,7 +288,7 @@ class IpcServer:
                 self._running.pop(request_id, None)
 
     def cancel(self, request_id: str) -> bool:
-        """End the running request `request_id` (submitted here, or through Triton with that request id) at
+        """End the running request `request_id` (the id it was streamed or submitted with: the Triton request id) at
         the engine's next step; False when none runs."""
         with self._lock:
             sink = self._running.get(request_id)
