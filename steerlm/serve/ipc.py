@@ -52,9 +52,13 @@ def socket_path(repo_dir: str | os.PathLike) -> Path:
     return Path(repo_dir) / RUN_DIR / SOCKET_NAME
 
 
-def send_message(sock: socket.socket, message: dict[str, Any]) -> None:
+def pack_message(message: dict[str, Any]) -> bytes:
     data = json.dumps(message, separators=(",", ":")).encode("utf-8")
-    sock.sendall(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
+
+
+def send_message(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(pack_message(message))
 
 
 def _read(sock: socket.socket, n: int) -> bytes:
@@ -254,14 +258,21 @@ class IpcServer:
                                            str(message.get("id") or ""))
         while True:
             try:
-                frame = sink.frames.get(timeout=self.poll)
+                frames = [sink.frames.get(timeout=self.poll)]
             except queue.Empty:
                 if _closed(conn):
                     break
                 continue
-            if not self._try_send(conn, frame):
+            while not frames[-1]["final"]:  # what queued up meanwhile goes in the same write
+                try:
+                    frames.append(sink.frames.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                conn.sendall(b"".join(map(pack_message, frames)))
+            except OSError:
                 break
-            if frame["final"]:
+            if frames[-1]["final"]:
                 return True
         if job is not None:
             job.cancel("client")  # only this request: another with the same id is not this client's
