@@ -269,7 +269,9 @@ class IpcServer:
                 except queue.Empty:
                     break
             try:
-                conn.sendall(b"".join(map(pack_message, frames)))
+                # MSG_NOSIGNAL: a relay that went away must be an EPIPE here, never a SIGPIPE that ends the
+                # generator's process (the python backend's stub need not ignore SIGPIPE as python does).
+                conn.sendall(b"".join(map(pack_message, frames)), socket.MSG_NOSIGNAL)
             except OSError:
                 break
             if frames[-1]["final"]:
