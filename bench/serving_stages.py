@@ -58,7 +58,7 @@ def instrument_engine() -> None:
     from steerlm.generation import Engine
     from steerlm.sampling import GenerationRequest
 
-    submit, admit, deliver = Engine.submit, Engine._admit, GenerationRequest.deliver
+    submit, admit, deliver = Engine.submit, Engine._admissible, GenerationRequest.deliver
 
     def staged_submit(self, request):
         request._rid = getattr(_state, "rid", "?")
@@ -66,7 +66,7 @@ def instrument_engine() -> None:
         stamp(request._rid, "eng_submit")
         return submit(self, request)
 
-    def staged_admit(self, req):
+    def staged_admit(self, req):  # the engine thread takes the request up for its prefill
         stamp(getattr(req, "_rid", "?"), "eng_admit")
         return admit(self, req)
 
@@ -78,7 +78,7 @@ def instrument_engine() -> None:
         deliver(self, tokens, new, final)
         stamp(rid, f"delivered_{n}")
 
-    Engine.submit, Engine._admit, GenerationRequest.deliver = staged_submit, staged_admit, staged_deliver
+    Engine.submit, Engine._admissible, GenerationRequest.deliver = staged_submit, staged_admit, staged_deliver
 
 
 def instrument_steerlm(module) -> None:
