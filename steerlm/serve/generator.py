@@ -1,9 +1,10 @@
 """The logic of the `generator` Triton model: one process holds the engine and every request's text stream.
 
-A request arrives as the signed document preprocessing built (`PreparedRequest`); its tokens become text in
-the engine's own callbacks (`TextStream`: incremental detokenization, stop strings never shown), and the
-responses go straight to the client's response sender. Nothing waits on another model, so no thread pool
-can fill up with waiters (the hang of the earlier postprocessing -> BLS -> decoupled model design).
+A request arrives over the local channel (steerlm.serve.ipc) as the signed document `RequestBuilder` built
+(`PreparedRequest`); its tokens become text in the engine's own callbacks (`TextStream`: incremental
+detokenization, stop strings never shown), and the responses go to the request's sink (a frame queue for
+the `steerlm` relay's stream, a collector for a whole answer). Nothing waits on another Triton model, so no
+thread pool can fill up with waiters (the hang of the earlier postprocessing -> BLS -> decoupled model design).
 
 The request leaves the engine's batch as soon as its answer is complete in text (a stop string seen in
 text) or it is cancelled, because the engine polls `cancelled()` before every decode step. Cancelled means
