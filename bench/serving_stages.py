@@ -1,14 +1,15 @@
-"""Where a streamed request's time goes in the Triton ensemble, stage by stage, against the in-process engine.
+"""Where a streamed request's time goes in `steerlm`, stage by stage, against the in-process engine.
 
-Every process that handles the request (this client, the `preprocessing` and `generator` python stubs, and the
+Every process that handles the request (this client, the `steerlm` relay and `generator` python stubs, and the
 engine thread inside the generator) appends `request_id stage nanoseconds` lines to its own file, with
 CLOCK_MONOTONIC (system-wide on Linux, so the processes' stamps compare). The stubs are instrumented by
 replacing the rendered repository's model.py with a wrapper that loads the original and wraps its methods
 (nothing in the served code knows about this). The same wrappers time the engine called in-process (the floor).
 
 Baselines beside it, on the same server: `echo`, an ensemble of an empty python model and a decoupled python
-model that streams one-character responses from its own thread (bench/echo_models: Triton's own cost for the
-ensemble's two python hops), and `echo_stream` called directly (one hop).
+model that streams one-character responses from its own thread (bench/echo_models: Triton's own cost for two
+python hops), and `echo_stream` called directly (one hop, as Triton reaches the relay; the relay adds the
+socket hop to the generator process).
 
     .venv/bin/python -m bench.serving_stages [--requests 24] [--tokens 16] [--concurrency 1,8]
 """
@@ -57,7 +58,7 @@ def instrument_engine() -> None:
     from steerlm.generation import Engine
     from steerlm.sampling import GenerationRequest
 
-    submit, admit, deliver = Engine.submit, Engine._admit, GenerationRequest.deliver
+    submit, admit, deliver = Engine.submit, Engine._admissible, GenerationRequest.deliver
 
     def staged_submit(self, request):
         request._rid = getattr(_state, "rid", "?")
@@ -65,7 +66,7 @@ def instrument_engine() -> None:
         stamp(request._rid, "eng_submit")
         return submit(self, request)
 
-    def staged_admit(self, req):
+    def staged_admit(self, req):  # the engine thread takes the request up for its prefill
         stamp(getattr(req, "_rid", "?"), "eng_admit")
         return admit(self, req)
 
@@ -77,49 +78,38 @@ def instrument_engine() -> None:
         deliver(self, tokens, new, final)
         stamp(rid, f"delivered_{n}")
 
-    Engine.submit, Engine._admit, GenerationRequest.deliver = staged_submit, staged_admit, staged_deliver
+    Engine.submit, Engine._admissible, GenerationRequest.deliver = staged_submit, staged_admit, staged_deliver
 
 
-def instrument_preprocessing(module) -> None:
-    cls = module.TritonPythonModel
-    execute, one, prepare = cls.execute, cls._one, cls._prepare
+def instrument_steerlm(module) -> None:
+    """The relay: Triton's execute, request building, the stream's start, and its response sender."""
+    from steerlm.serve.ipc import IpcClient
+    from steerlm.serve.relay import Relay
+    from steerlm.serve.requests import RequestBuilder
 
-    def staged_execute(self, requests):
-        for r in requests:
-            stamp(r.request_id(), "pre_exec")
-        return execute(self, requests)
-
-    def staged_one(self, request):
-        _state.rid = request.request_id()
-        out = one(self, request)
-        stamp(_state.rid, "pre_done")
-        return out
-
-    def staged_prepare(self, request):
-        out = prepare(self, request)
-        stamp(_state.rid, "pre_built")
-        return out
-
-    cls.execute, cls._one, cls._prepare = staged_execute, staged_one, staged_prepare
-
-
-def instrument_generator(module) -> None:
-    from steerlm.serve.generator import GeneratorCore
-
-    instrument_engine()
-    cls, sink_cls, core_submit = module.TritonPythonModel, module.Sink, GeneratorCore.submit
-    execute, send, is_cancelled = cls.execute, sink_cls.send, sink_cls.is_cancelled
+    cls, sender_cls = module.TritonPythonModel, module.Sender
+    execute, start, build, stream = cls.execute, Relay.start, RequestBuilder.from_inputs, IpcClient.stream
+    send, is_cancelled = sender_cls.send, sender_cls.is_cancelled
 
     def staged_execute(self, requests):
         for r in requests:
-            stamp(r.request_id(), "gen_exec")
+            stamp(r.request_id(), "relay_exec")
         return execute(self, requests)
 
-    def staged_core_submit(self, document, signature, sink, request_id=""):
+    def staged_start(self, inputs, sender, request_id=""):
         _state.rid = request_id
-        inner = getattr(sink, "sink", sink)  # the model's Sink inside a ResponseQueue's wrapper
-        inner._rid, inner._n = request_id, 0
-        return core_submit(self, document, signature, sink, request_id)
+        sender._rid, sender._n = request_id, 0
+        return start(self, inputs, sender, request_id)
+
+    def staged_build(self, inputs, limit):
+        out = build(self, inputs, limit)
+        stamp(_state.rid, "relay_built")
+        return out
+
+    def staged_stream(self, document, signature, request_id=""):
+        out = stream(self, document, signature, request_id)
+        stamp(request_id, "relay_sent")
+        return out
 
     def staged_send(self, outputs, final, error=None):
         rid, n = getattr(self, "_rid", "?"), getattr(self, "_n", 0)
@@ -138,8 +128,32 @@ def instrument_generator(module) -> None:
         self._isc_n = getattr(self, "_isc_n", 0) + 1
         return out
 
-    cls.execute, sink_cls.send, GeneratorCore.submit = staged_execute, staged_send, staged_core_submit
-    sink_cls.is_cancelled = staged_is_cancelled
+    cls.execute, Relay.start, RequestBuilder.from_inputs, IpcClient.stream = (staged_execute, staged_start,
+                                                                             staged_build, staged_stream)
+    sender_cls.send, sender_cls.is_cancelled = staged_send, staged_is_cancelled
+
+
+def instrument_generator(module) -> None:
+    """The generator: a stream's arrival from the socket, the engine, and each frame it queues."""
+    from steerlm.serve import ipc
+    from steerlm.serve.generator import GeneratorCore
+
+    instrument_engine()
+    core_submit, frame = GeneratorCore.submit, ipc._StreamSink.send
+
+    def staged_core_submit(self, document, signature, sink, request_id=""):
+        stamp(request_id, "gen_submit")
+        _state.rid = request_id
+        sink._rid, sink._n = request_id, 0
+        return core_submit(self, document, signature, sink, request_id)
+
+    def staged_frame(self, outputs, final, error=None):
+        rid, n = getattr(self, "_rid", "?"), getattr(self, "_n", 0)
+        self._n = n + 1
+        stamp(rid, f"frame_{n}")
+        frame(self, outputs, final, error)
+
+    GeneratorCore.submit, ipc._StreamSink.send = staged_core_submit, staged_frame
 
 
 WRAPPER = '''"""Stage-timing wrapper (bench/serving_stages.py) around the original model.py of this model."""
@@ -159,8 +173,8 @@ TritonPythonModel = _orig.TritonPythonModel
 
 
 def prepare_repository(repo: Path) -> None:
-    """Wrap preprocessing and generator with the stamping code; add the echo baseline models."""
-    for name in ("preprocessing", "generator"):
+    """Wrap the steerlm relay and the generator with the stamping code; add the echo baseline models."""
+    for name in ("steerlm", "generator"):
         d = repo / name / "1"
         (d / "model.py").rename(d / "model_orig.py")
         (d / "model.py").write_text(WRAPPER.format(root=str(ROOT), name=name))
@@ -262,27 +276,32 @@ def gap(s: dict[str, int], a: str, b: str) -> float | None:
 
 FIRST_TOKEN = [  # (from, to, what)
     ("cli_start", "cli_sent", "client: gRPC client, stream start, request tensors, send"),
-    ("cli_sent", "pre_exec", "gRPC -> Triton frontend -> ensemble -> preprocessing stub (shm IPC)"),
-    ("pre_exec", "pre_built", "preprocessing: validation, template, tokenization"),
-    ("pre_built", "pre_done", "preprocessing: JSON document + HMAC + output tensors"),
-    ("pre_done", "gen_exec", "preprocessing stub -> Triton -> ensemble step -> generator stub (shm IPC)"),
-    ("gen_exec", "eng_submit", "generator: signature check, JSON parse, TextStream, submit"),
+    ("cli_sent", "relay_exec", "gRPC -> Triton frontend -> steerlm relay stub (shm IPC)"),
+    ("relay_exec", "relay_built", "relay: validation, template, tokenization"),
+    ("relay_built", "relay_sent", "relay: JSON document + HMAC, socket connect + send"),
+    ("relay_sent", "gen_submit", "socket -> generator connection thread (JSON parse)"),
+    ("gen_submit", "eng_submit", "generator: signature check, JSON parse, TextStream, submit"),
     ("eng_submit", "eng_admit", "engine intake (queue -> engine thread picks the request up)"),
     ("eng_admit", "deliver_0", "engine: prefill + first sample"),
-    ("deliver_0", "send_0", "generator: TextStream + response tensors"),
-    ("send_0", "sent_0", "generator: response sender.send (shm IPC to Triton)"),
-    ("sent_0", "cli_recv_0", "Triton -> ensemble -> gRPC -> client callback"),
+    ("deliver_0", "frame_0", "generator: TextStream + response tensors + frame queued"),
+    ("frame_0", "send_0", "generator connection thread -> socket -> relay thread -> tensors"),
+    ("send_0", "sent_0", "relay: response sender.send (shm IPC to Triton)"),
+    ("sent_0", "cli_recv_0", "Triton -> gRPC -> client callback"),
     ("cli_recv_0", "cli_got_0", "client: callback queue -> caller"),
 ]
 
 
 def per_token(s: dict[str, int], kind: str) -> dict[str, list[float]]:
-    """Per streamed response after the first: engine step, generator handling, sender, transport."""
+    """Per streamed response after the first: engine step, generator handling, socket hop, sender, transport."""
     out = defaultdict(list)
     k = 1
     while f"deliver_{k}" in s:
         out["engine step (deliver k-1 -> deliver k)"].append(gap(s, f"deliver_{k - 1}", f"deliver_{k}"))
         out["token callback (deliver -> delivered)"].append(gap(s, f"deliver_{k}", f"delivered_{k}"))
+        k += 1
+    k = 1
+    while f"frame_{k}" in s:
+        out["frame queued -> relay's sender.send (socket hop)"].append(gap(s, f"frame_{k}", f"send_{k}"))
         k += 1
     k = 1
     while f"sent_{k}" in s:
@@ -305,7 +324,7 @@ def per_token(s: dict[str, int], kind: str) -> dict[str, list[float]]:
                    "(0: none).")
 @click.option("--keep", type=click.Path(file_okay=False), default=None, help="Copy the raw stamp files here.")
 def main(n: int, tokens: int, concurrency: str, long_len: int, keep: str | None) -> None:
-    """Stage-by-stage timing of streamed requests: Triton ensemble, echo baselines, in-process engine."""
+    """Stage-by-stage timing of streamed requests: steerlm (relay + generator), echo baselines, in-process engine."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from steer_train.tiny import init_tiny
     from steerlm.generation import Engine

@@ -2,10 +2,10 @@
 
 One stream per request: the request is written, the stream is half-closed, and Triton ends the call once the
 request's last response is sent. A caller that stops early (the HTTP client went away) cancels the call, which
-Triton turns into a cancelled request (CONTRACTS.md section 3 names the tensors). Triton 2.51 does not reliably
-carry that cancellation through the ensemble to the engine, so with the generator's local channel
-(`cancel_socket`, steerlm.serve.ipc) the request, sent under a unique Triton request id, is also cancelled
-there by that id.
+Triton turns into a cancelled request (CONTRACTS.md section 3 names the tensors), which the `steerlm` relay
+passes on to the engine within its poll interval. With the generator's local channel (`cancel_socket`,
+steerlm.serve.ipc) the request, sent under a unique Triton request id, is also cancelled there by that id at
+once, and even before it reaches the engine.
 """
 
 from __future__ import annotations

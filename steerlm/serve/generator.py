@@ -1,16 +1,16 @@
 """The logic of the `generator` Triton model: one process holds the engine and every request's text stream.
 
-A request arrives as the signed document preprocessing built (`PreparedRequest`); its tokens become text in
-the engine's own callbacks (`TextStream`: incremental detokenization, stop strings never shown), and the
-responses go straight to the client's response sender. Nothing waits on another model, so no thread pool
-can fill up with waiters (the hang of the earlier postprocessing -> BLS -> decoupled model design).
+A request arrives over the local channel (steerlm.serve.ipc) as the signed document `RequestBuilder` built
+(`PreparedRequest`); its tokens become text in the engine's own callbacks (`TextStream`: incremental
+detokenization, stop strings never shown), and the responses go to the request's sink (a frame queue for
+the `steerlm` relay's stream, a collector for a whole answer). Nothing waits on another Triton model, so no
+thread pool can fill up with waiters (the hang of the earlier postprocessing -> BLS -> decoupled model design).
 
 The request leaves the engine's batch as soon as its answer is complete in text (a stop string seen in
 text) or it is cancelled, because the engine polls `cancelled()` before every decode step. Cancelled means
-the response sender reports it (`is_cancelled`) or `GeneratorCore.cancel` named its request id (the local
-channel, steerlm.serve.ipc). Through the `steerlm` ensemble Triton 2.51 reports a client's cancellation to
-the sender only when it came before this step was scheduled (docs/serving.md "Cancellation"); every
-cancellation that ends a request is reported to `on_cancel` as a `Cancelled` record.
+the response sink reports it (`is_cancelled`), `GeneratorCore.cancel` named its request id, or its `Job` was
+cancelled (`Job.cancel`: the local channel, steerlm.serve.ipc, does that when the connection streaming it
+closes). Every cancellation that ends a request is reported to `on_cancel` as a `Cancelled` record.
 
 Tested without a server through `ResponseSink` fakes (tests/serving/test_generator.py).
 """
@@ -58,7 +58,7 @@ class Cancelled:
     """A request that left the engine because it was cancelled: what it cost and when it left."""
 
     request_id: str
-    by: str  # "client": the response sender reported it; "request-id": `GeneratorCore.cancel`
+    by: str  # "client": the sink reported it or its stream's connection closed; "request-id": `GeneratorCore.cancel`
     tokens: int  # tokens generated for it, all of them before `left_at`
     left_at: float  # time.monotonic() when the engine was told to drop its row (system-wide on Linux)
 
@@ -73,7 +73,7 @@ class Cancelled:
         return [cls(unquote(m[1]), m[2], int(m[3]), float(m[4])) for m in _CANCEL_LINE.finditer(text)]
 
 
-class _Job:
+class Job:
     """One request between the engine's callbacks and its sink; every method may run on any thread."""
 
     def __init__(self, prepared: PreparedRequest, sink: ResponseSink, text: TextStream, request_id: str = "",
@@ -89,9 +89,13 @@ class _Job:
         self.generated = 0
         self.pieces: list[str] = []
         self.finish_reason: str | None = None
-        self.abort = False  # set by GeneratorCore.cancel (a cancel by request id over the local channel)
+        self.abort: str | None = None  # who cancelled it (Cancelled.by), seen at the engine's next step
         self.sender_poll = sender_poll
         self.next_poll = 0.0  # the sink is asked before the first step, then at most every `sender_poll` s
+
+    def cancel(self, by: str = "client") -> None:
+        """End this request at the engine's next step (any thread)."""
+        self.abort = self.abort or by
 
     # -- engine callbacks ---------------------------------------------------------------------------------
     def emit(self, tokens: list[int], final: bool) -> None:
@@ -123,8 +127,8 @@ class _Job:
         """True once the answer is complete (the engine may drop the row) or the client has gone."""
         if self.done:
             return True
-        by_id = self.abort
-        if not by_id:
+        by = self.abort
+        if not by:
             now = time.monotonic()
             if now < self.next_poll:
                 return False
@@ -136,7 +140,7 @@ class _Job:
                 return True
             self.done = True
             self.finish_reason = "cancelled"
-            record = Cancelled(self.request_id, "request-id" if by_id else "client", self.generated, time.monotonic())
+            record = Cancelled(self.request_id, by or "client", self.generated, time.monotonic())
             self.sink.send(None, final=True)
         if self.on_cancel is not None:
             self.on_cancel(record)
@@ -167,21 +171,21 @@ class GeneratorCore:
     def __init__(self, engine, tokenizer, trailer: str, key: bytes,
                  on_cancel: Callable[[Cancelled], None] | None = None, sender_poll: float = 0.05) -> None:
         """`on_cancel` is called once per cancelled request, on the engine's thread. `sender_poll`: how often
-        a running request asks its sink `is_cancelled()` (the first time before its first step). Triton's
-        python backend answers that with a round trip to the server process (~60 us measured on 2 shared
-        cores, ~9% of the engine thread at 16 rows when asked every step), and through the ensemble Triton
-        2.51 only ever reports a cancellation that came before the step started, so every step is wasteful.
-        Cancels by request id (`cancel`) are still seen at the next step."""
+        a running request asks its sink `is_cancelled()` (the first time before its first step), for sinks
+        whose question is costly (a Triton response sender: a round trip to the server process, ~60 us on 2
+        shared cores, ~9% of the engine thread at 16 rows when asked every step). The local channel's sinks
+        are cancelled through `Job.cancel` instead, and cancels by request id (`cancel`); both are seen at the
+        next step."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.trailer = trailer
         self.key = key
         self.on_cancel = on_cancel
         self.sender_poll = sender_poll
-        # Running requests by their Triton request id, for `cancel` (Triton 2.51 does not carry a client's
-        # cancellation into a running ensemble step, docs/serving.md "Cancellation").
-        self._by_id: dict[str, list[_Job]] = {}
-        # Cancels that came before their request (still in preprocessing): id -> until when it is refused.
+        # Running requests by their Triton request id, for `cancel` (the OpenAI/NeMo API cancels its requests
+        # by id as soon as its client hangs up, docs/serving.md "Cancellation").
+        self._by_id: dict[str, list[Job]] = {}
+        # Cancels that came before their request (still being tokenized): id -> until when it is refused.
         self._early: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -193,32 +197,32 @@ class GeneratorCore:
             if not jobs:
                 self._early[request_id] = time.monotonic() + remember
         for job in jobs:
-            job.abort = True
+            job.cancel("request-id")
         return bool(jobs)
 
-    def _register(self, request_id: str, job: _Job) -> None:
+    def _register(self, request_id: str, job: Job) -> None:
         with self._lock:
             # Finished requests and old early cancels leave the indexes here, so they stay about as large as
             # the number of running requests.
             now = time.monotonic()
             self._early = {k: until for k, until in self._early.items() if until > now}
             if self._early.pop(request_id, None) is not None:
-                job.abort = True
+                job.cancel("request-id")
             self._by_id = {k: live for k, jobs in self._by_id.items() if (live := [j for j in jobs if not j.done])}
             self._by_id.setdefault(request_id, []).append(job)
 
-    def submit(self, document: bytes, signature: bytes, sink: ResponseSink, request_id: str = "") -> None:
-        """Start one request; a request that cannot start is answered with its error at once.
+    def submit(self, document: bytes, signature: bytes, sink: ResponseSink, request_id: str = "") -> Job | None:
+        """Start one request and return its `Job` (None: it could not start and its sink has the error).
         A non-empty `request_id` (the client's Triton request id) makes it cancellable by `cancel`."""
         try:
             prepared = PreparedRequest.from_wire(document, signature, self.key)
         except (RequestError, ValueError, TypeError) as exc:
             message = str(exc) if isinstance(exc, RequestError) else "malformed request document"
             sink.send(None, final=True, error=message)
-            return
+            return None
         text = TextStream(self.tokenizer, prepared.stop_strings, end_id=prepared.end_id,
                           max_tokens=prepared.max_tokens, trailer=self.trailer)
-        job = _Job(prepared, sink, text, request_id, self.on_cancel, self.sender_poll)
+        job = Job(prepared, sink, text, request_id, self.on_cancel, self.sender_poll)
         if request_id:
             self._register(request_id, job)
         try:
@@ -227,6 +231,7 @@ class GeneratorCore:
                                                  stream=True, fail=job.fail, cancelled=job.cancelled))
         except Exception as exc:  # e.g. the engine is shutting down
             job.fail(f"generation could not start: {exc}")
+        return job
 
 
 class Watchdog:

@@ -1,22 +1,27 @@
-"""A local channel into the generator process, so that whole answers need no second engine copy.
+"""The local channel into the generator process: every request reaches the one engine this way.
 
-Triton's ensemble can only end in the decoupled `generator`, which a unary `infer()` cannot call. The
-generator therefore also listens on a Unix domain socket (mode 0600, in the rendered repository's `.run`
-directory) and the non-decoupled models (`generator_whole`, the NeMo-compatible model) send it the same
-signed request document the ensemble passes; the signature check stays the gate.
+The generator listens on a Unix domain socket (mode 0600, in the rendered repository's `.run` directory).
+The models Triton calls (`steerlm`/`ensemble`, the relay; `generator_whole`; the NeMo-compatible model) send it
+the signed request document preprocessing's logic built; the signature check stays the gate.
 
 Messages are JSON objects, each framed by a 4-byte big-endian length:
+  {"op": "stream", "id": str, "document": str, "signature": str}
+      -> frames {"outputs": {name: str | int}, "final": bool} (one per response the generator sends: the
+         outputs of the `steerlm` contract), or a final {"final": true, "error": str}
   {"op": "submit", "id": str, "document": str, "signature": str}
       -> {"text", "prompt", "finish_reason", "num_input_tokens", "num_output_tokens"} or {"error": str}
-  {"op": "cancel", "id": str} -> {"cancelled": bool}   (a submit's id, or the Triton request id of a request
-                                                        that came through the `steerlm` ensemble)
-A submit whose connection closes before its answer is cancelled too, like a client that goes away.
+  {"op": "cancel", "id": str} -> {"cancelled": bool}   (the id a stream or submit was sent with: the Triton
+                                                        request id of a `steerlm` request)
+A stream or submit whose connection closes before its final answer is cancelled: a relay whose client went
+away closes it, and so does the kernel when the relay's process dies, so no row outlives its asker.
+The engine's thread never writes to a socket: a stream's responses queue up for its connection's thread.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import select
 import socket
 import struct
@@ -28,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from steerlm.serve.generator import GeneratorCore
+from steerlm.serve.generator import GeneratorCore, Job
 
 _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -47,9 +52,13 @@ def socket_path(repo_dir: str | os.PathLike) -> Path:
     return Path(repo_dir) / RUN_DIR / SOCKET_NAME
 
 
-def send_message(sock: socket.socket, message: dict[str, Any]) -> None:
+def pack_message(message: dict[str, Any]) -> bytes:
     data = json.dumps(message, separators=(",", ":")).encode("utf-8")
-    sock.sendall(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
+
+
+def send_message(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(pack_message(message))
 
 
 def _read(sock: socket.socket, n: int) -> bytes:
@@ -88,6 +97,21 @@ def _address(path: Path) -> tuple[str, int | None]:
     return f"/proc/self/fd/{fd}/{path.name}", fd
 
 
+def encode_outputs(outputs: dict[str, np.ndarray] | None) -> dict[str, str | int]:
+    """A response's tensors ([1, 1] text or count each) as JSON values by name."""
+    fields: dict[str, str | int] = {}
+    for name, value in (outputs or {}).items():
+        item = value.reshape(-1)[0]
+        fields[name] = item.decode("utf-8") if isinstance(item, bytes) else int(item)
+    return fields
+
+
+def decode_outputs(fields: dict[str, str | int]) -> dict[str, np.ndarray]:
+    """The inverse of `encode_outputs`: text as [1, 1] BYTES, counts as [1, 1] INT32."""
+    return {name: np.array([[value.encode("utf-8")]], dtype=np.object_) if isinstance(value, str)
+            else np.array([[value]], dtype=np.int32) for name, value in fields.items()}
+
+
 @dataclass
 class WholeResult:
     text: str
@@ -110,12 +134,11 @@ class _CollectSink:
     def send(self, outputs: dict[str, np.ndarray] | None, final: bool, error: str | None = None) -> None:
         if error is not None:
             self.error = error
-        for name, value in (outputs or {}).items():
-            item = value.reshape(-1)[0]
+        for name, value in encode_outputs(outputs).items():
             if name == "text_output":
-                self.pieces.append(item.decode("utf-8"))
+                self.pieces.append(value)
             else:
-                self.fields[name] = item.decode("utf-8") if isinstance(item, bytes) else int(item)
+                self.fields[name] = value
         if final:
             self.fields.setdefault("finish_reason", "cancelled" if self.cancel.is_set() else "stop")
             self.done.set()
@@ -132,6 +155,23 @@ class _CollectSink:
                                   num_output_tokens=self.fields.get("num_output_tokens")))
 
 
+class _StreamSink:
+    """A ResponseSink whose responses become frames queued for the connection's thread: the engine's thread
+    only appends, so a slow or stuck reader never holds up the batch."""
+
+    def __init__(self) -> None:
+        self.frames: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+
+    def send(self, outputs: dict[str, np.ndarray] | None, final: bool, error: str | None = None) -> None:
+        frame: dict[str, Any] = {"outputs": encode_outputs(outputs), "final": final}
+        if error is not None:
+            frame["error"] = error
+        self.frames.put(frame)
+
+    def is_cancelled(self) -> bool:
+        return False  # a closed connection cancels the Job directly (IpcServer._stream)
+
+
 def _closed(conn: socket.socket) -> bool:
     """True when the peer has closed `conn` (readable with nothing to read); never consumes data."""
     readable, _, _ = select.select([conn], [], [], 0)
@@ -144,7 +184,7 @@ def _closed(conn: socket.socket) -> bool:
 
 
 class IpcServer:
-    """Serves submit/cancel messages for `core` on a Unix socket at `path`, one thread per connection.
+    """Serves stream/submit/cancel messages for `core` on a Unix socket at `path`, one thread per connection.
     Without `path` it listens nowhere and serves only the connections handed to `serve_connection`."""
 
     def __init__(self, core: GeneratorCore, path: str | os.PathLike | None = None, poll: float = 0.05) -> None:
@@ -193,14 +233,52 @@ class IpcServer:
                 if message is None:
                     return
                 op = message.get("op")
+                if op == "stream":
+                    if not self._stream(conn, message):
+                        return
+                    continue
                 if op == "submit":
                     reply = self._submit(conn, message)
                 elif op == "cancel":
                     reply = {"cancelled": self.cancel(str(message.get("id")))}
                 else:
-                    reply = {"error": f"op must be one of: submit, cancel; got {op!r}"}
+                    reply = {"error": f"op must be one of: stream, submit, cancel; got {op!r}"}
                 if not self._try_send(conn, reply):
                     return
+
+    def _stream(self, conn: socket.socket, message: dict[str, Any]) -> bool:
+        """Send one request's responses as frames until its final one; False when the connection closed first
+        (the request is then cancelled: its relay went away)."""
+        document, signature = message.get("document"), message.get("signature")
+        if not isinstance(document, str) or not isinstance(signature, str):
+            return self._try_send(conn, {"outputs": {}, "final": True,
+                                         "error": "stream needs string fields document and signature"})
+        sink = _StreamSink()
+        job: Job | None = self.core.submit(document.encode("utf-8"), signature.encode("ascii", "replace"), sink,
+                                           str(message.get("id") or ""))
+        while True:
+            try:
+                frames = [sink.frames.get(timeout=self.poll)]
+            except queue.Empty:
+                if _closed(conn):
+                    break
+                continue
+            while not frames[-1]["final"]:  # what queued up meanwhile goes in the same write
+                try:
+                    frames.append(sink.frames.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                # MSG_NOSIGNAL: a relay that went away must be an EPIPE here, never a SIGPIPE that ends the
+                # generator's process (the python backend's stub need not ignore SIGPIPE as python does).
+                conn.sendall(b"".join(map(pack_message, frames)), socket.MSG_NOSIGNAL)
+            except OSError:
+                break
+            if frames[-1]["final"]:
+                return True
+        if job is not None:
+            job.cancel("client")  # only this request: another with the same id is not this client's
+        return False
 
     def _submit(self, conn: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
         document, signature = message.get("document"), message.get("signature")
@@ -223,7 +301,7 @@ class IpcServer:
                 self._running.pop(request_id, None)
 
     def cancel(self, request_id: str) -> bool:
-        """End the running request `request_id` (submitted here, or through Triton with that request id) at
+        """End the running request `request_id` (the id it was streamed or submitted with: the Triton request id) at
         the engine's next step; False when none runs."""
         with self._lock:
             sink = self._running.get(request_id)
@@ -287,6 +365,16 @@ class IpcClient:
             raise IpcError(reply["error"])
         return WholeResult(**reply)
 
+    def stream(self, document: bytes, signature: bytes, request_id: str = "") -> IpcStream:
+        """Start one signed request; its responses come from the returned stream, which owns this connection.
+        Closing it before the final frame cancels the request."""
+        try:
+            send_message(self.sock, {"op": "stream", "id": request_id, "document": document.decode("utf-8"),
+                                     "signature": signature.decode("ascii")})
+        except OSError as exc:
+            raise IpcError(f"the generator's channel broke: {exc}") from None
+        return IpcStream(self.sock)
+
     def cancel(self, request_id: str) -> bool:
         """Ask the generator to end `request_id`; True when it was running."""
         reply = self._call({"op": "cancel", "id": request_id})
@@ -298,6 +386,38 @@ class IpcClient:
         self.sock.close()
 
     def __enter__(self) -> IpcClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class IpcStream:
+    """The frames of one streamed request (`IpcClient.stream`)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def next(self, timeout: float) -> dict[str, Any] | None:
+        """The next frame, or None when none came within `timeout` seconds. Raises IpcError when the generator
+        closed the channel (its process ended) or the frame is malformed."""
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        if not readable:
+            return None
+        try:
+            frame = recv_message(self.sock)
+        except OSError as exc:
+            raise IpcError(f"the generator's channel broke: {exc}") from None
+        if frame is None:
+            raise IpcError("the generator closed the channel before the final response")
+        if not isinstance(frame.get("outputs"), dict) or not isinstance(frame.get("final"), bool):
+            raise IpcError("malformed frame from the generator")
+        return frame
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> IpcStream:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -29,6 +29,9 @@ from steerlm.tokenize import encode_segments, load_tokenizer
 # Default byte limit of each text input (configurable per server: --max-input-bytes).
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024
 KEY_FILE = ".steerlm-key"
+# Text inputs besides text_input and the boolean flags of the ensemble (tensorrtllm_backend names where it has them).
+TEXT_INPUTS = ("attributes", "system", "history")
+FLAG_INPUTS = ("stream", "exclude_input_in_output", "return_num_input_tokens", "return_num_output_tokens")
 # Optional sampling inputs of the ensemble (upstream tensorrtllm_backend names) and the defaults they take.
 SAMPLING_TYPES: dict[str, type] = {
     "temperature": float, "top_k": int, "top_p": float, "seed": int, "min_tokens": int, "repetition_penalty": float,
@@ -257,6 +260,43 @@ class RequestBuilder:
         if problem:
             raise RequestError(problem)
         return prepared
+
+    def from_inputs(self, inputs: Mapping[str, np.ndarray], limit: int) -> PreparedRequest:
+        """`build` from the `steerlm` model's input tensors by name (each [1, 1], or [1, n] for stop/bad words),
+        as both the `preprocessing` model and the `steerlm` relay receive them. Every text input is refused
+        by name when it is over `limit` bytes, before it is decoded or tokenized."""
+
+        def values(name: str) -> list:
+            tensor = inputs.get(name)
+            return [] if tensor is None else np.asarray(tensor).reshape(-1).tolist()
+
+        def scalar(name: str):
+            got = values(name)
+            if len(got) > 1:
+                raise RequestError(f"{name} must hold exactly one value (one conversation per request), "
+                                   f"got {len(got)}")
+            return got[0] if got else None
+
+        def text(name: str) -> str | None:
+            value = scalar(name)
+            return None if value is None else decode_text(name, value, limit)
+
+        words = {name: [decode_text(f"{name}[{i}]", v, limit) for i, v in enumerate(values(name))]
+                 for name in ("stop_words", "bad_words")}
+        sampling = {name: scalar(name) for name in SAMPLING_TYPES}
+        min_length = scalar("min_length")
+        if min_length is not None:
+            if sampling["min_tokens"] not in (None, min_length):
+                raise RequestError(f"min_length is another name for min_tokens; got both, and they differ "
+                                   f"({min_length} and {sampling['min_tokens']})")
+            sampling["min_tokens"] = min_length
+        return self.build(
+            text("text_input"), scalar("max_tokens"),
+            **{name: text(name) for name in TEXT_INPUTS}, **words,
+            end_id=scalar("end_id"), pad_id=scalar("pad_id"), sampling=sampling,
+            beam_width=scalar("beam_width"), num_return_sequences=scalar("num_return_sequences"),
+            **{name: scalar(name) for name in FLAG_INPUTS},
+        )
 
     @staticmethod
     def _history(history: str | None) -> list:

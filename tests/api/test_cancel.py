@@ -1,9 +1,10 @@
 """A client that hangs up on the HTTP API ends its request in the engine, through the generator's channel.
 
-Triton 2.51 does not reliably carry a cancelled gRPC stream through the ensemble to the python generator
-(the API alone let 346-400 of 400 tokens be generated after a disconnect). The API therefore sends each request
-under a unique Triton request id and, when its client goes away, cancels that id over the generator's local
-socket (steerlm/serve/ipc.py). Work is read off the engine counters on Triton's metrics endpoint.
+The API sends each request under a unique Triton request id and, when its client goes away, cancels its gRPC
+call (which the `steerlm` relay passes on within its poll interval) and that id over the generator's local
+socket (steerlm/serve/ipc.py), which ends the request at the engine's next step, also when the cancel overtakes
+the request. (Through the earlier ensemble only the socket's cancel arrived: 346-400 of 400 tokens were
+generated after a disconnect without it.) Work is read off the engine counters on Triton's metrics endpoint.
 """
 
 from __future__ import annotations

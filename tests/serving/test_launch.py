@@ -127,6 +127,26 @@ def test_a_killed_generator_process_stops_the_server_with_the_cause(tiny_model):
     Path(log).unlink()
 
 
+def test_streams_open_when_the_generator_dies_end_with_the_cause(tiny_model, tmp_path):
+    """The `steerlm` relay outlives the generator's process: its open streams and the requests after them are
+    answered with why, never left waiting."""
+    from steerlm.serve import TritonServer
+    from steerlm.serve.relay import GENERATOR_GONE
+
+    with TritonServer(tiny_model, workdir=tmp_path) as server:
+        client = SteerClient(server.grpc_url)
+        pieces = iter(client.stream(QUESTION, max_tokens=800))
+        next(pieces)
+        (stub,) = [pid for pid, name in server.stub_pids.items() if name == "generator"]
+        os.kill(stub, signal.SIGKILL)
+        with pytest.raises(SteerError, match=re.escape(GENERATOR_GONE)):
+            for _ in pieces:
+                pass
+        with pytest.raises(SteerError, match="generation unavailable: the generator is not reachable"):
+            client.generate(QUESTION, max_tokens=4)
+        assert "the process of model 'generator'" in (server.check_health() or "")
+
+
 def test_a_busy_port_is_named_before_anything_starts(tiny_model):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

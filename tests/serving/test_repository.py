@@ -65,25 +65,35 @@ def test_every_backend_renders_the_same_models_and_only_chooses_the_engine(tmp_p
     assert config(repo, "preprocessing").instance_group[0].count >= 2  # a large request never blocks the rest
     cpu = render_repository(tmp_path / "reference", tiny_model)
     for name in ("steerlm", "ensemble", "preprocessing"):
-        assert config(repo, name) == config(cpu, name)
+        ours, reference = config(repo, name), config(cpu, name)
+        for cfg in (ours, reference):
+            cfg.parameters.pop("ipc_socket", None)  # each repository has its own socket
+        assert ours == reference
 
 
-def test_the_ensemble_takes_upstreams_inputs_under_both_names(tmp_path, tiny_model):
+def test_the_streaming_model_takes_upstreams_inputs_under_both_names(tmp_path, tiny_model):
     repo = render_repository(tmp_path / "repo", tiny_model)
     for name in ("steerlm", "ensemble"):
-        ensemble = config(repo, name)
-        assert ensemble.name == name and ensemble.platform == "ensemble"
-        assert {t.name: mc.DataType.Name(t.data_type) for t in ensemble.input} == UPSTREAM_INPUTS | STEERLM_INPUTS
-        assert [t.name for t in ensemble.input if not t.optional] == ["text_input", "max_tokens"]
-        assert {t.name for t in ensemble.output} == {"text_output", "prompt", "finish_reason", "num_input_tokens",
-                                                      "num_output_tokens"}
-        first, second = ensemble.ensemble_scheduling.step
-        # Every input goes to preprocessing under its own name (errors name what the client sent) ...
-        assert dict(first.input_map) == {t.name: t.name for t in ensemble.input}
-        # ... and the generator gets only what preprocessing built.
-        assert (first.model_name, second.model_name) == ("preprocessing", "generator")
-        assert set(second.input_map.values()) == set(first.output_map.values())
+        model = config(repo, name)
+        assert model.name == name
+        assert {t.name: mc.DataType.Name(t.data_type) for t in model.input} == UPSTREAM_INPUTS | STEERLM_INPUTS
+        assert [t.name for t in model.input if not t.optional] == ["text_input", "max_tokens"]
+        assert {t.name for t in model.output} == {"text_output", "prompt", "finish_reason", "num_input_tokens",
+                                                   "num_output_tokens"}
     assert [t.name for t in config(repo, "preprocessing").input] == [t.name for t in config(repo, "steerlm").input]
+
+
+def test_the_streaming_model_is_the_decoupled_relay_triton_reports_cancels_to(tmp_path, tiny_model):
+    """Triton cancels the request it received; only a model it calls directly hears of it (docs/serving.md
+    "Cancellation"). So `steerlm` is a decoupled python model on the generator's socket, not an ensemble, with
+    several instances (one large request being tokenized never blocks the rest) and the same limits."""
+    repo = render_repository(tmp_path / "repo", tiny_model, max_input_bytes=1234)
+    relay = config(repo, "steerlm")
+    assert relay.backend == "python" and relay.model_transaction_policy.decoupled and not relay.platform
+    assert relay.instance_group[0].count >= 2
+    assert params(relay)["ipc_socket"] == params(config(repo, "generator"))["ipc_socket"]
+    assert params(relay)["max_input_bytes"] == params(config(repo, "preprocessing"))["max_input_bytes"] == "1234"
+    assert (repo / "steerlm" / "1" / "model.py").is_file() and (repo / "ensemble" / "1" / "model.py").is_file()
 
 
 def test_the_whole_answer_ensemble_ends_in_a_non_decoupled_model_on_the_generators_socket(tmp_path, tiny_model):

@@ -3,7 +3,11 @@ cancellation reaches the engine, limits apply before work."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -79,23 +83,63 @@ def start_stream(server, request_id: str, max_tokens: int = LONG):
     return client, received
 
 
-def test_triton_2_51_does_not_carry_a_cancelled_stream_into_the_running_generator(server):
-    """Pins the upstream behaviour docs/serving.md "Cancellation" rests on. The gRPC frontend cancels the request
-    it received, the ensemble's (triton-inference-server/server r24.10 e0f0734d, src/grpc/infer_handler.h
-    IssueRequestCancellation -> TRITONSERVER_InferenceRequestCancel); the ensemble scheduler copies that flag to
-    a step only while scheduling the step (core r24.10 bfec7c61, src/ensemble_scheduler/ensemble_scheduler.cc
-    EnsembleContext::ScheduleSteps), and each request has its own response factory holding the flag
-    (src/infer_request.h Cancel/IsCancelled). So a generator already running never hears of it. If this fails,
-    the bundled Triton now carries it: update the docs and the soak's expectations."""
+def test_a_cancelled_grpc_stream_leaves_the_engine(server):
+    """Triton's gRPC frontend cancels the request it received (triton-inference-server/server r24.10 e0f0734d,
+    src/grpc/infer_handler.h IssueRequestCancellation -> TRITONSERVER_InferenceRequestCancel), which is the
+    `steerlm` relay's own: it sees its sender's is_cancelled() and closes its stream to the generator."""
 
     def cancel_after_three_responses():
-        client, received = start_stream(server, "pinned-stream-cancel")
+        client, received = start_stream(server, "stream-cancel")
         wait_for(received)
         client.stop_stream(cancel_requests=True)
         client.close()
 
     tokens, cancelled = engine_work(server, cancel_after_three_responses)
-    assert cancelled == [] and tokens > LONG / 2
+    assert [(c.request_id, c.by) for c in cancelled] == [("stream-cancel", "client")]
+    assert tokens < LONG / 2
+
+
+def test_a_killed_streaming_client_leaves_the_engine(server, tmp_path):
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import time\n"
+        "from steerlm_client import SteerClient\n"
+        f"pieces = SteerClient({server.grpc_url!r}).stream({QUESTION!r}, max_tokens={LONG})\n"
+        "for i, _ in enumerate(pieces):\n"
+        "    print(i + 1, flush=True)\n"
+        "    if i == 2:\n"
+        "        time.sleep(600)\n")
+
+    def kill_after_three_pieces():
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        try:
+            for _ in range(3):
+                assert proc.stdout.readline(), "the client ended before three pieces"
+        finally:
+            proc.kill()
+            proc.wait()
+
+    tokens, cancelled = engine_work(server, kill_after_three_pieces)
+    assert [c.by for c in cancelled] == ["client"] and tokens < LONG / 2
+
+
+def test_a_closed_http_generate_stream_leaves_the_engine(server):
+    def close_after_three_events():
+        host, port = server.http_url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        body = json.dumps({"text_input": QUESTION, "max_tokens": LONG, "stream": True})
+        conn.request("POST", "/v2/models/steerlm/generate_stream", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        events = 0
+        while events < 3:
+            line = response.fp.readline()
+            assert line, "the stream ended before three events"
+            events += line.startswith(b"data:")
+        conn.close()
+
+    tokens, cancelled = engine_work(server, close_after_three_events)
+    assert [c.by for c in cancelled] == ["client"] and tokens < LONG / 2
 
 
 def test_1000_mixed_requests_from_32_clients_none_lost_streamed_equal_whole(server):
@@ -151,11 +195,11 @@ def test_an_oversize_input_is_refused_while_another_request_is_answered(server):
     assert other and other[0]
 
 
-def test_the_generator_refuses_requests_that_did_not_come_through_the_ensemble(server):
+def test_the_generator_refuses_requests_sent_to_it_through_triton(server):
     inputs = {"REQUEST": np.array([[b'{"input_ids": [1, 2, 3]}']], dtype=np.object_),
               "SIGNATURE": np.array([[b"0" * 64]], dtype=np.object_)}
     results = stream_infer(server.grpc_url, "generator", inputs)
-    assert results and "takes requests from the steerlm ensemble only" in str(results[0][1])
+    assert results and "the generator takes no requests of its own: send yours to steerlm" in str(results[0][1])
 
 
 # tensorrtllm_backend inflight_batcher_llm/client/end_to_end_grpc_client.py (commit c2e65b88d852), prepare_inputs

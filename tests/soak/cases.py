@@ -172,7 +172,7 @@ def grpc_cases() -> list[Case]:
         c("bad label string", "attributes", attributes=_b("verbosity=4;;")),
         c("upstream-only: beam_width 2", "beam_width", beam_width=_i32(2)),
         c("upstream-only: num_return_sequences 2", "num_return_sequences", num_return_sequences=_i32(2)),
-        c("internal: generator with forged REQUEST/SIGNATURE", "steerlm ensemble", model="generator", base=False,
+        c("internal: generator with forged REQUEST/SIGNATURE", "takes no requests of its own", model="generator", base=False,
           REQUEST=_b(b'{"input_ids": [1, 2, 3], "max_tokens": 4}'), SIGNATURE=_b(b"0" * 64)),
         c("internal: preprocessing with temperature NaN", "temperature", model="preprocessing",
           temperature=_f32(np.nan)),

@@ -1,8 +1,10 @@
-"""Triton python model `generator` (decoupled): the engine and every request's text stream in one process.
+"""Triton python model `generator`: the engine and every request's text stream in one process.
 
-The logic is `steerlm.serve.generator` (tested without a server); this file maps Triton's response sender,
-metrics and configuration to it. The engine comes from `steerlm.serve.engines.create_engine`, chosen by the
-`generation_engine` parameter.
+Triton loads it (its stub process holds the engine; its metrics and log are Triton's), but requests reach it
+only over its local socket (steerlm.serve.ipc): streamed from the `steerlm` relay, whole from
+`generator_whole` and the NeMo model. Its own execute() refuses every request. The logic is
+`steerlm.serve.generator` (tested without a server). The engine comes from
+`steerlm.serve.engines.create_engine`, chosen by the `generation_engine` parameter.
 """
 
 import json
@@ -20,25 +22,8 @@ from steerlm.spec import load_spec
 from steerlm.tokenize import load_tokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-class Sink:
-    def __init__(self, sender):
-        self.sender = sender
-
-    def send(self, outputs, final, error=None):
-        flags = FINAL if final else 0
-        if error is not None:
-            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
-        elif outputs is None:
-            self.sender.send(flags=flags)
-            return
-        else:
-            response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
-        self.sender.send(response, flags=flags)
-
-    def is_cancelled(self):
-        return self.sender.is_cancelled()
+REFUSED = ("the generator takes no requests of its own: send yours to steerlm (or ensemble) to stream, "
+           "steerlm_whole for unary infer()")
 
 
 class Metrics:
@@ -81,7 +66,8 @@ class TritonPythonModel:
         self.metrics = metrics = Metrics()
         self.core = GeneratorCore(self.engine, load_tokenizer(model_dir), load_spec(model_dir).template.answer_end,
                                   load_key(Path(args["model_repository"]).parent), on_cancel=self._cancelled)
-        # Whole answers for unary infer() (generator_whole, the NeMo model) come over this local channel.
+        # Every request comes over this local channel: streams from the steerlm relay, whole answers from
+        # generator_whole and the NeMo model.
         self.ipc = IpcServer(self.core, params["ipc_socket"])
         self.watchdog = Watchdog(self.engine, float(params.get("stall_timeout", 120)), self._stalled,
                                  on_tick=metrics.update)
@@ -101,14 +87,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            sink = Sink(request.get_response_sender())
-            document = pb_utils.get_input_tensor_by_name(request, "REQUEST")
-            signature = pb_utils.get_input_tensor_by_name(request, "SIGNATURE")
-            if document is None or signature is None:
-                sink.send(None, final=True, error="this model takes requests from the steerlm ensemble only")
-                continue
-            self.core.submit(document.as_numpy().reshape(-1)[0], signature.as_numpy().reshape(-1)[0], sink,
-                             request.request_id())
+            request.get_response_sender().send(pb_utils.InferenceResponse(error=pb_utils.TritonError(REFUSED)),
+                                               flags=FINAL)
         return None
 
     def finalize(self):
