@@ -193,6 +193,15 @@ def start(cfg: TrainConfig) -> tuple[Dist, str]:
     return d, mode
 
 
+def finish(d: Dist) -> None:
+    """The close of every training loop: wait for every process, then leave the process group. A gloo group
+    left for interpreter exit can abort a rank after a complete run ("terminate called without an active
+    exception", SIGABRT), which torchrun reports as a failed run."""
+    barrier(d)
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def resume_run(cfg: TrainConfig, mode: str, model, opt, sched, d: Dist, total: int, **facts) -> tuple[int, Metrics]:
     """Resume from the newest checkpoint in cfg.out, if any, and open its metrics.jsonl; a fresh run first logs
     its settings, world size, parameter counts and `facts`. Returns the step to start from and the log."""

@@ -26,7 +26,6 @@ from steer_train.loop import (
     adamw,
     all_sum,
     autocast,
-    barrier,
     cosine_factor,
     epoch_order,
     on_gpu_unless_set,
@@ -208,7 +207,7 @@ def train(cfg: RMConfig) -> Path:
         write_json(out / "eval.json", report)
         plot_losses(out / "metrics.jsonl", out / "loss.png", f"reward model {Path(cfg.data).name}")
         print(f"wrote reward model to {out} (pooling {pooling}; eval.json, metrics.jsonl, loss.png)")
-    barrier(d)
+    parallel.finish(d)
     return out
 
 

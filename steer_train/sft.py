@@ -344,7 +344,7 @@ def train(cfg: SFTConfig) -> Path:
             final.gradient_checkpointing_disable()
         _export(final, hf_tok, spec, cfg, out)
         plot_losses(out / "metrics.jsonl", out / "loss.png", f"SFT {Path(cfg.data).name}")
-    barrier(d)
+    parallel.finish(d)
     return out
 
 
