@@ -32,7 +32,7 @@ import pytest
 
 from steerlm.serve.generator import Cancelled
 from steerlm_client.load import run_load
-from tests.serving.test_resilience import LONG, QUESTION, engine_work, start_stream
+from tests.serving.test_resilience import LONG, QUESTION, engine_work, stalling_client, start_stream
 
 ATTEMPTS = int(os.environ.get("SOAK_CANCELS", "5"))
 
@@ -101,15 +101,7 @@ def test_cancel_a_grpc_stream(server, attempt):
 
 @pytest.mark.parametrize("attempt", range(ATTEMPTS))
 def test_kill_a_grpc_streaming_client(server, tmp_path, attempt):
-    script = tmp_path / "client.py"
-    script.write_text(
-        "import time\n"
-        "from steerlm_client import SteerClient\n"
-        f"pieces = SteerClient({server.grpc_url!r}).stream({QUESTION!r}, max_tokens={LONG})\n"
-        "for i, _ in enumerate(pieces):\n"
-        "    print(i + 1, flush=True)\n"
-        "    if i == 2:\n"
-        "        time.sleep(600)\n")
+    script = stalling_client(server, tmp_path / "client.py")
     procs = []
 
     def start():

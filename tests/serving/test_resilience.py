@@ -99,9 +99,10 @@ def test_a_cancelled_grpc_stream_leaves_the_engine(server):
     assert tokens < LONG / 2
 
 
-def test_a_killed_streaming_client_leaves_the_engine(server, tmp_path):
-    script = tmp_path / "client.py"
-    script.write_text(
+def stalling_client(server, path):
+    """A client program at `path` that streams a LONG answer over gRPC, prints a line per piece and stops
+    reading after the third (then sleeps until killed)."""
+    path.write_text(
         "import time\n"
         "from steerlm_client import SteerClient\n"
         f"pieces = SteerClient({server.grpc_url!r}).stream({QUESTION!r}, max_tokens={LONG})\n"
@@ -109,6 +110,11 @@ def test_a_killed_streaming_client_leaves_the_engine(server, tmp_path):
         "    print(i + 1, flush=True)\n"
         "    if i == 2:\n"
         "        time.sleep(600)\n")
+    return path
+
+
+def test_a_killed_streaming_client_leaves_the_engine(server, tmp_path):
+    script = stalling_client(server, tmp_path / "client.py")
 
     def kill_after_three_pieces():
         proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
