@@ -291,27 +291,26 @@ FIRST_TOKEN = [  # (from, to, what)
 ]
 
 
+# Per-response spans, by the stamp that says response k exists: (label, from stamp, to stamp); {p} is k - 1.
+PER_TOKEN = [
+    ("deliver_{k}", [("engine step (deliver k-1 -> deliver k)", "deliver_{p}", "deliver_{k}"),
+                     ("token callback (deliver -> delivered)", "deliver_{k}", "delivered_{k}")]),
+    ("frame_{k}", [("frame queued -> relay's sender.send (socket hop)", "frame_{k}", "send_{k}")]),
+    ("sent_{k}", [("response sender.send", "send_{k}", "sent_{k}"),
+                  ("sent -> client callback", "sent_{k}", "cli_recv_{k}")]),
+    ("cli_got_{k}", [("client inter-arrival (ITL)", "cli_got_{p}", "cli_got_{k}")]),
+]
+
+
 def per_token(s: dict[str, int], kind: str) -> dict[str, list[float]]:
     """Per streamed response after the first: engine step, generator handling, socket hop, sender, transport."""
     out = defaultdict(list)
-    k = 1
-    while f"deliver_{k}" in s:
-        out["engine step (deliver k-1 -> deliver k)"].append(gap(s, f"deliver_{k - 1}", f"deliver_{k}"))
-        out["token callback (deliver -> delivered)"].append(gap(s, f"deliver_{k}", f"delivered_{k}"))
-        k += 1
-    k = 1
-    while f"frame_{k}" in s:
-        out["frame queued -> relay's sender.send (socket hop)"].append(gap(s, f"frame_{k}", f"send_{k}"))
-        k += 1
-    k = 1
-    while f"sent_{k}" in s:
-        out["response sender.send"].append(gap(s, f"send_{k}", f"sent_{k}"))
-        out["sent -> client callback"].append(gap(s, f"sent_{k}", f"cli_recv_{k}"))
-        k += 1
-    k = 1
-    while f"cli_got_{k}" in s:
-        out["client inter-arrival (ITL)"].append(gap(s, f"cli_got_{k - 1}", f"cli_got_{k}"))
-        k += 1
+    for marker, spans in PER_TOKEN:
+        k = 1
+        while marker.format(k=k) in s:
+            for label, a, b in spans:
+                out[label].append(gap(s, a.format(k=k, p=k - 1), b.format(k=k, p=k - 1)))
+            k += 1
     return out
 
 
